@@ -1,0 +1,91 @@
+"""`rlhf <command>`: run a pipeline, one stage, or a tool (data generation, preference collection).
+
+Bad input exits with code 2 and one line on stderr; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from rlhf.errors import UserError
+
+STAGE_HELP = {
+    "pretrain": "next-token pre-training on a corpus",
+    "sft": "supervised fine-tuning on demonstrations",
+    "eval": "gold-scored evaluation of policies on held-out prompts",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a pipeline of stages (skips complete ones, resumes interrupted ones)")
+    run.add_argument("pipeline", help="pipeline YAML, e.g. configs/demo/pipeline.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value; <stage>.<key>=value reaches one stage")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
+    run.add_argument("--only", metavar="STAGE", help="rerun only this stage (its inputs must be complete)")
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    for kind, help_text in STAGE_HELP.items():
+        stage = sub.add_parser(kind, help=help_text)
+        stage.add_argument("config", nargs="?", help="stage YAML (omit for the defaults)")
+        stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+        stage.add_argument("--overwrite", action="store_true", help="replace another config's artifact in output_dir")
+        stage.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    world = sub.add_parser("world", help="the embedded demo world: regenerate its data files and tokenizer")
+    world.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `python -m rlhf.world.generate_data`")
+    return parser
+
+
+def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`rlhf sft train.max_steps=3` (no YAML) reads the first override as a config path otherwise."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from rlhf.pipeline import run_pipeline
+
+        run_pipeline(args.pipeline, args.overrides, from_stage=args.from_stage, only=args.only, debug=args.debug)
+        return 0
+    if args.command == "world":
+        from rlhf.world.generate_data import main as generate
+
+        return generate(args.args) or 0
+    from rlhf.config import load_config, parse_overrides
+    from rlhf.pipeline import recipe, run_stage
+
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    cfg = load_config(recipe(args.command).Config, config, parse_overrides(overrides))
+    result = run_stage(args.command, cfg, overwrite=args.overwrite, debug=args.debug)
+    print({k: round(v, 4) for k, v in result["metrics"].items()})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return dispatch(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

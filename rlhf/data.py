@@ -1,0 +1,246 @@
+"""Loading, validation, tokenization and collation of text data.
+
+Sources: a JSONL / JSON / parquet file, a directory written by `datasets.save_to_disk`, or a hub id (needs network).
+Every record remembers where it came from (`file:line`) so validation errors can point at it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from rlhf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class Record(dict):
+    """One example as a dict, plus `.origin` ("file:line" or "name[index]") for error messages."""
+
+    origin: str = "?"
+
+    @classmethod
+    def at(cls, data: dict, origin: str) -> "Record":
+        rec = cls(data)
+        rec.origin = origin
+        return rec
+
+
+def load_records(source: str | Path, split: str = "train") -> list[Record]:
+    """Read every example of `source`. Raises `UserError` for a missing, malformed or empty source."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        records = _read_file(path)
+    elif path.is_dir():
+        records = _read_saved_dataset(path, split)
+    elif path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        raise UserError(f"data file not found: {source}")
+    else:
+        records = _read_hub_dataset(source, split)
+    if not records:
+        raise UserError(f"{source}: dataset is empty")
+    return records
+
+
+def _read_file(path: Path) -> list[Record]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise UserError(f"{path}: not a readable parquet file ({exc})") from None
+        return [Record.at(row, f"{path}[{i}]") for i, row in enumerate(rows)]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        return [Record.at(_require_object(row, f"{path}[{i}]"), f"{path}[{i}]") for i, row in enumerate(rows)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        records.append(Record.at(_require_object(row, f"{path}:{lineno}"), f"{path}:{lineno}"))
+    return records
+
+
+def _require_object(row: Any, origin: str) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{origin}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not a dataset directory (no datasets.save_to_disk files)") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: no split '{split}' (has {', '.join(ds)})")
+        ds = ds[split]
+    return [Record.at(row, f"{path}[{i}]") for i, row in enumerate(ds)]
+
+
+def _read_hub_dataset(name: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown id, bad split: all the same to the user
+        raise UserError(f"could not load dataset '{name}' (not a local path; hub load failed: {type(exc).__name__})") from None
+    return [Record.at(row, f"{name}[{i}]") for i, row in enumerate(ds)]
+
+
+def require_fields(record: Record, fields: Iterable[str], kind: type | tuple = str) -> None:
+    """Raise `UserError("<origin>: missing field 'x'")` unless every field is present with the given type."""
+    for name in fields:
+        if name not in record or record[name] is None:
+            raise UserError(f"{record.origin}: missing field '{name}'")
+        if not isinstance(record[name], kind):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise UserError(f"{record.origin}: field '{name}' must be {expected}, got {type(record[name]).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts (evaluation and RL)
+
+
+def load_prompts(source: str | Path, limit: int | None = None) -> list[Record]:
+    """Prompt records: `prompt` (text, or a list of chat messages), optional `task` and `meta`."""
+    records = load_records(source)[:limit]
+    for rec in records:
+        require_fields(rec, ["prompt"], (str, list))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    completion_mask: list[bool]  # True on completion tokens (the ones the task loss trains)
+    task: str | None
+    origin: str
+
+
+def sft_texts(record: Record, tokenizer) -> tuple[str, str]:
+    """Split a record into (prompt text, completion text).
+
+    Accepts `prompt`/`completion` strings, conversational `prompt`/`completion` message lists, or `messages`
+    (the last assistant turn is the completion; earlier turns form the prompt through the chat template).
+    """
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{record.origin}: field 'messages' must be a non-empty list of {{role, content}}")
+        if messages[-1].get("role") != "assistant":
+            raise UserError(f"{record.origin}: the last message must have role 'assistant'")
+        return _chat_prompt(messages[:-1], tokenizer, record), str(messages[-1].get("content", ""))
+    require_fields(record, ["prompt", "completion"], (str, list))
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list):
+        prompt = _chat_prompt(prompt, tokenizer, record)
+    if isinstance(completion, list):
+        completion = "".join(str(m.get("content", "")) for m in completion)
+    return prompt, completion
+
+
+def _chat_prompt(messages: list[dict], tokenizer, record: Record) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError(f"{record.origin}: conversational data needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(text: str, tokenizer) -> list[int]:
+    """Token ids of a prompt, with BOS added once (a chat template may already have written it)."""
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special).input_ids
+
+
+def tokenize_sft(
+    records: list[Record], tokenizer, max_length: int, skip_overlong_prompts: bool = False
+) -> tuple[list[SFTExample], int]:
+    """Tokenize prompt/completion pairs. Returns (examples, number skipped).
+
+    Length policy: a prompt that leaves no room for a completion token is an error naming the record (or, with
+    `skip_overlong_prompts`, dropped and counted); a completion that does not fit is cut on the right.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
+    examples, skipped = [], 0
+    for rec in records:
+        prompt, completion = sft_texts(rec, tokenizer)
+        if not completion.strip():
+            raise UserError(f"{rec.origin}: field 'completion' is empty")
+        prompt_ids = encode_prompt(prompt, tokenizer)
+        if len(prompt_ids) >= max_length:
+            if skip_overlong_prompts:
+                skipped += 1
+                continue
+            raise UserError(
+                f"{rec.origin}: prompt is {len(prompt_ids)} tokens, max_length is {max_length} "
+                "(policy: overlong prompts are errors; set data.skip_overlong_prompts=true to drop them)"
+            )
+        completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = (prompt_ids + completion_ids)[:max_length]
+        mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[:max_length]
+        examples.append(SFTExample(ids, mask, rec.get("task"), rec.origin))
+    if skipped:
+        log.warning("skipped %d examples whose prompt is longer than max_length=%d", skipped, max_length)
+    if not examples:
+        raise UserError("no SFT examples left after applying the length policy")
+    return examples, skipped
+
+
+def collate_sft(examples: list[SFTExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Returns input_ids, attention_mask, completion_mask, all (B, L)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.bool)
+    comp = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = True
+        comp[i, :n] = torch.tensor(e.completion_mask)
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def pack_corpus(records: list[Record], tokenizer, block_size: int, text_field: str = "text") -> torch.Tensor:
+    """Tokenize documents (BOS ... EOS each), concatenate and cut into full blocks. Shape: (N, block_size).
+
+    Packing wastes no compute on padding; the remainder shorter than a block is dropped.
+    """
+    stream: list[int] = []
+    for rec in records:
+        require_fields(rec, [text_field])
+        ids = tokenizer(rec[text_field]).input_ids
+        stream.extend(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+    n_blocks = len(stream) // block_size
+    if n_blocks == 0:
+        raise UserError(f"corpus has {len(stream)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)

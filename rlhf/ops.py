@@ -1,0 +1,79 @@
+"""Pure tensor helpers shared by every stage. Only torch is imported here.
+
+Vocabulary: `response_mask` is True where a token counts (never a "padding mask").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `values` where `mask` is True. Shape: values, mask (B, T)."""
+    values = values * mask
+    return values.sum() if dim is None else values.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is True; 0 where nothing counts (no NaN from empty rows)."""
+    mask = mask.to(values.dtype)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the tokens that count (Bessel-corrected by default, as torchtune/TRL whiten)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum().clamp(min=2)
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over counting tokens; `shift_mean=False` keeps the mean (scale only)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids) under softmax(logits / temperature), without a full log-softmax tensor.
+
+    Shape: logits (B, T, V), ids (B, T) -> (B, T). Uses gather - logsumexp, so only one extra (B, T) tensor is
+    made instead of a (B, T, V) log-probability tensor.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position. Shape: (B, T, V) -> (B, T).
+
+    H = logsumexp(z) - sum(softmax(z) * z), which needs one softmax instead of a log-softmax and a softmax.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """True up to and including the first EOS of each row; False after it. Shape: (B, T) -> (B, T) bool.
+
+    The EOS itself counts: the policy chose to stop, and that choice has a log-probability.
+    """
+    is_eos = response_ids == eos_token_id
+    # number of EOS strictly before each position; a token counts while none came before it
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    return eos_before == 0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding does not shift them. Shape: (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

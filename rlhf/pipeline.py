@@ -1,0 +1,190 @@
+"""The staged runner: run one stage in its own directory, or a pipeline of stages in order.
+
+A stage whose directory holds a complete artifact made from the same config (and the same inputs) is skipped;
+an interrupted one resumes from its last checkpoint; a changed one reruns, and so does every stage after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import Field
+
+from rlhf import stage as stage_dir
+from rlhf.config import (
+    Section, StageConfig, TrackingSettings, load_config, nearest_key, parse_overrides, read_yaml, save_config,
+    set_dotted, validate,
+)
+from rlhf.errors import UserError
+from rlhf.recipes import evaluate, pretrain, sft
+from rlhf.tracking import Tracker
+from rlhf.training import latest_checkpoint, remove_checkpoints
+
+# stage kind -> recipe module (exposes `Config` and `run(cfg, ctx)`)
+STAGES: dict[str, ModuleType] = {"pretrain": pretrain, "sft": sft, "eval": evaluate}
+
+
+def recipe(kind: str) -> ModuleType:
+    if kind not in STAGES:
+        hint = nearest_key(kind, list(STAGES))
+        raise UserError(f"unknown stage kind '{kind}'" + (f" (did you mean '{hint}'?)" if hint else f"; known: {', '.join(STAGES)}"))
+    return STAGES[kind]
+
+
+def run_stage(
+    kind: str,
+    cfg: StageConfig,
+    *,
+    name: str | None = None,
+    input_fingerprints: dict[str, str] | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    debug: bool = False,
+) -> dict[str, Any]:
+    """Run (or skip, or resume) one stage into `cfg.output_dir`. Returns {"status", "fingerprint", "metrics"}."""
+    module = recipe(kind)
+    name = name or kind
+    out = Path(cfg.output_dir)
+    fingerprint = _combined_fingerprint(cfg, input_fingerprints or {})
+    decision = stage_dir.claim(out, stage=name, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=force)
+    if decision == "complete":
+        manifest = stage_dir.read_manifest(out)
+        print(f"[{name}] complete with an unchanged config: skipped ({out})")
+        return {"status": "skipped", "fingerprint": fingerprint, "metrics": manifest.get("metrics", {})}
+
+    resume_step = None
+    if decision == "resume" and (ckpt := latest_checkpoint(out)) is not None:
+        resume_step = int(ckpt.name.split("-")[-1])
+    print(f"[{name}] {'resuming' if decision == 'resume' else 'running'} {kind} -> {out}")
+    save_config(cfg, out / stage_dir.CONFIG_FILE)
+    tracker = Tracker(out, cfg.tracking, job_type=kind, name=name, config=cfg.model_dump(mode="json"), resume_step=resume_step)
+    ctx = stage_dir.StageContext(name=name, kind=kind, dir=out, tracker=tracker, resume=decision == "resume", debug=debug)
+    started = time.monotonic()
+    try:
+        metrics = module.run(cfg, ctx)
+    except BaseException:
+        stage_dir.finish(out, stage=name, kind=kind, fingerprint=fingerprint, status="failed")
+        tracker.finish()
+        raise
+    remove_checkpoints(out)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    stage_dir.finish(
+        out, stage=name, kind=kind, fingerprint=fingerprint, status="complete", metrics=metrics,
+        inputs=input_fingerprints or {}, seconds=round(time.monotonic() - started, 2),
+    )
+    tracker.summary(metrics)
+    tracker.finish()
+    return {"status": "ran", "fingerprint": fingerprint, "metrics": metrics}
+
+
+def _combined_fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
+    """The config's own hash plus its inputs' hashes: a retrained upstream stage invalidates this one."""
+    parts = [cfg.fingerprint()] + [f"{k}={v}" for k, v in sorted(inputs.items())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipelines
+
+
+class StageSpec(Section):
+    name: str = Field(description="unique stage name; also its directory under output_dir")
+    kind: str = Field(description="which recipe runs: pretrain | sft | eval | ...")
+    config: str | None = Field(None, description="the stage's YAML config (null = the recipe's defaults)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value applied on top of config")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="dotted config key -> earlier stage whose output directory fills it"
+    )
+
+
+class PipelineConfig(Section):
+    """`rlhf run`: stages in order, each reading earlier stages' artifacts."""
+
+    name: str = Field("pipeline", description="pipeline name; the W&B group")
+    output_dir: str = Field("runs/pipeline", description="each stage writes to <output_dir>/<stage name>")
+    seed: int | None = Field(None, description="if set, every stage's seed")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="W&B settings for every stage")
+    stages: list[StageSpec] = Field(description="the stages, in order")
+
+
+def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfig, dict[str, dict]]:
+    """Pipeline config plus per-stage overrides: `sft.train.max_steps=10` goes to stage `sft`, `seed=1` to the
+    pipeline."""
+    data = read_yaml(path)
+    stage_names = {s.get("name") for s in data.get("stages", []) if isinstance(s, dict)}
+    pipeline_overrides, stage_overrides = {}, {}
+    for key, value in parse_overrides(overrides).items():
+        head, _, rest = key.partition(".")
+        if head in stage_names and rest:
+            stage_overrides.setdefault(head, {})[rest] = value
+        else:
+            pipeline_overrides[key] = value
+    for key, value in pipeline_overrides.items():
+        set_dotted(data, key, value)
+    cfg = validate(PipelineConfig, data, source=str(path))
+    seen: list[str] = []
+    for spec in cfg.stages:
+        recipe(spec.kind)
+        if spec.name in seen:
+            raise UserError(f"{path}: stage name '{spec.name}' is used twice")
+        for key, source in spec.inputs.items():
+            if source not in seen:
+                raise UserError(f"{path}: stage '{spec.name}' takes '{key}' from '{source}', which is not an earlier stage")
+        seen.append(spec.name)
+    return cfg, stage_overrides
+
+
+def stage_config(pipeline: PipelineConfig, spec: StageSpec, cli_overrides: dict, outputs: dict[str, str]) -> StageConfig:
+    """The resolved config of one pipeline stage: its YAML, its overrides, the command line's, then the wiring."""
+    overrides = {**spec.overrides, **cli_overrides}
+    for key, source in spec.inputs.items():
+        overrides[key] = outputs[source]
+    overrides["output_dir"] = str(Path(pipeline.output_dir) / spec.name)
+    if pipeline.seed is not None:
+        overrides["seed"] = pipeline.seed
+    tracking = pipeline.tracking.model_copy(update={"group": pipeline.tracking.group or pipeline.name})
+    overrides["tracking"] = tracking.model_dump()
+    return load_config(recipe(spec.kind).Config, spec.config, overrides)
+
+
+def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | None = None,
+                 only: str | None = None, debug: bool = False) -> dict[str, dict]:
+    """Run a pipeline's stages in order. Returns each stage's result."""
+    pipeline, stage_overrides = load_pipeline(path, overrides)
+    names = [s.name for s in pipeline.stages]
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in names:
+            hint = nearest_key(value, names)
+            raise UserError(f"{flag} {value}: no such stage" + (f" (did you mean '{hint}'?)" if hint else f"; stages: {', '.join(names)}"))
+    outputs: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
+    results: dict[str, dict] = {}
+    rerun_rest = False
+    reached_from = from_stage is None
+    for spec in pipeline.stages:
+        cfg = stage_config(pipeline, spec, stage_overrides.get(spec.name, {}), outputs)
+        outputs[spec.name] = cfg.output_dir
+        inputs = {key: fingerprints[src] for key, src in spec.inputs.items()}
+        reached_from = reached_from or spec.name == from_stage
+        if only is not None and spec.name != only:
+            manifest = stage_dir.read_manifest(cfg.output_dir) or {}
+            if manifest.get("status") != "complete":
+                # a stage that --only skips must already be there for the stages that read it
+                fingerprints[spec.name] = "missing"
+            else:
+                fingerprints[spec.name] = manifest["fingerprint"]
+            continue
+        if only is not None:
+            missing = [src for src in spec.inputs.values() if fingerprints[src] == "missing"]
+            if missing:
+                raise UserError(f"--only {only}: its input stage '{missing[0]}' has not completed; run it first")
+        force = only is not None or (reached_from and from_stage is not None) or rerun_rest
+        result = run_stage(spec.kind, cfg, name=spec.name, input_fingerprints=inputs, overwrite=True, force=force, debug=debug)
+        fingerprints[spec.name] = result["fingerprint"]
+        results[spec.name] = result
+        rerun_rest = rerun_rest or result["status"] == "ran"
+    return results

@@ -1,0 +1,344 @@
+"""PolicyModel: the one policy/reference wrapper every stage uses (SFT now; PPO, GRPO, DPO later).
+
+It owns a Hugging Face causal LM (optionally with peft LoRA adapters), its tokenizer, an optional scalar value
+head, and the frozen reference policy: with LoRA the same weights with adapters disabled (no second copy),
+otherwise a frozen copy made at load time (or loaded from `ref_path`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from rlhf.config import LoraSettings, ModelSettings
+from rlhf.data import encode_prompt
+from rlhf.errors import UserError
+from rlhf.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_mask_from_ids
+from rlhf.types import ForwardOut, Rollout
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_tokenizer(name: str):
+    """AutoTokenizer with a pad token distinct from EOS (one is added if the model has none)."""
+    from transformers import AutoTokenizer
+
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"tokenizer path not found: {name}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise UserError(f"could not load a tokenizer from '{name}' ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # pad == EOS would make "stopped" and "padding" indistinguishable in response masks
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def load_causal_lm(name: str, dtype: str = "float32"):
+    """AutoModelForCausalLM from a local directory or hub id; a LoRA adapter directory is merged into its base."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise UserError(f"model path not found: {name}")
+    torch_dtype = getattr(torch, dtype)
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            return AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).merge_and_unload()
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except OSError as exc:
+        raise UserError(f"could not load a causal LM from '{name}' ({str(exc).splitlines()[0]})") from None
+
+
+def add_special_tokens(model, tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Add `tokens` as special tokens and grow the embeddings. Returns the ids of the tokens that were new.
+
+    New rows start at the mean embedding (Hewitt 2021), so the model's output distribution barely moves.
+    """
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    # also covers a pad token that load_tokenizer added
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.convert_tokens_to_ids(new)
+
+
+def apply_lora(model, lora: LoraSettings, trainable_token_ids: list[int]):
+    """Wrap `model` with LoRA adapters; new special tokens get trainable embedding rows (peft trainable tokens)."""
+    from peft import LoraConfig, get_peft_model
+
+    extra = {"trainable_token_indices": {"embed_tokens": trainable_token_ids}} if trainable_token_ids else {}
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM", **extra,
+    )
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PolicyModel:
+    """A causal LM policy with its tokenizer, reference policy and optional value head.
+
+    Args:
+        model: a Hugging Face causal LM (or a peft model wrapping one).
+        tokenizer: its tokenizer; pad must differ from EOS.
+        ref_model: frozen reference weights when `model` has no LoRA adapters (None = no reference kept).
+        value_head: optional `nn.Linear(hidden, 1)` on the trunk's last hidden state.
+    """
+
+    def __init__(self, model, tokenizer, ref_model=None, value_head: nn.Module | None = None):
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError("PolicyModel needs a pad token distinct from EOS")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.ref_model = ref_model
+        self.value_head = value_head
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        settings: ModelSettings,
+        *,
+        add_tokens: Sequence[str] = (),
+        with_reference: bool = False,
+        seed: int = 0,
+    ) -> "PolicyModel":
+        """Build the policy a config describes. `with_reference` keeps a frozen copy (free under LoRA)."""
+        tok_name = settings.tokenizer or settings.path
+        if tok_name is None:
+            raise UserError("config key 'model.path' (or 'model.tokenizer') is required")
+        tokenizer = load_tokenizer(tok_name)
+        if settings.scratch_size:
+            from rlhf.world import MODEL_SIZES, build_tiny_lm
+
+            if settings.scratch_size not in MODEL_SIZES:
+                raise UserError(f"model.scratch_size '{settings.scratch_size}' is not one of {', '.join(MODEL_SIZES)}")
+            model = build_tiny_lm(tokenizer, settings.scratch_size, seed=seed).to(getattr(torch, settings.dtype))
+        elif settings.path:
+            model = load_causal_lm(settings.path, settings.dtype)
+        else:
+            raise UserError("config key 'model.path' is required (or 'model.scratch_size' to build a demo model)")
+        new_ids = add_special_tokens(model, tokenizer, add_tokens)
+
+        ref_model = None
+        if with_reference and settings.lora is None:
+            ref_model = load_causal_lm(settings.ref_path, settings.dtype) if settings.ref_path else copy.deepcopy(model)
+            add_special_tokens(ref_model, tokenizer, add_tokens)
+            ref_model.requires_grad_(False).eval()
+        if settings.lora is not None:
+            model = apply_lora(model, settings.lora, new_ids)
+
+        value_head = None
+        if settings.value_head:
+            value_head = nn.Linear(model.config.hidden_size, 1)
+            head_file = Path(settings.path or "") / VALUE_HEAD_FILE
+            if settings.path and head_file.is_file():
+                from safetensors.torch import load_file
+
+                value_head.load_state_dict(load_file(str(head_file)))
+            else:
+                nn.init.zeros_(value_head.weight)  # V = b at start: no random noise in early advantages
+                nn.init.zeros_(value_head.bias)
+        return cls(model, tokenizer, ref_model=ref_model, value_head=value_head)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "PolicyModel":
+        """Shortcut: `PolicyModel.load(ModelSettings(path=path, **kwargs))`."""
+        return cls.load(ModelSettings(path=str(path), **kwargs))
+
+    # -- properties ---------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config")
+
+    def modules(self) -> list[nn.Module]:
+        """The trainable modules (model, value head): what an optimizer and accelerate.prepare receive."""
+        return [self.model] + ([self.value_head] if self.value_head is not None else [])
+
+    def to(self, device) -> "PolicyModel":
+        for m in self.modules() + ([self.ref_model] if self.ref_model is not None else []):
+            m.to(device)
+        return self
+
+    # -- reference ----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def reference(self) -> Iterator["PolicyModel"]:
+        """The frozen reference policy, as a PolicyModel, for the duration of the block (no grad).
+
+        With LoRA this is the same module with adapters disabled, so no second copy of the weights exists.
+        """
+        if self.is_lora:
+            with torch.no_grad(), self.model.disable_adapter():
+                yield PolicyModel(self.model, self.tokenizer)
+        elif self.ref_model is not None:
+            with torch.no_grad():
+                yield PolicyModel(self.ref_model, self.tokenizer)
+        else:
+            raise RuntimeError("this policy keeps no reference: load it with with_reference=True or LoRA")
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask, (B, P): left padding keeps every prompt's last token adjacent to the
+        first generated one."""
+        encoded = [encode_prompt(p, self.tokenizer) for p in prompts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+        for i, e in enumerate(encoded):
+            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e):] = True
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> Rollout:
+        """Sample `n` responses per prompt (stopping at EOS) and return them as a `Rollout`.
+
+        Rows are grouped by prompt. With `seed` the sampling is reproducible and the global RNG is left untouched.
+        """
+        from transformers import GenerationConfig
+
+        prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        prompt_ids = prompt_ids.repeat_interleave(n, dim=0).to(self.device)
+        prompt_mask = prompt_mask.repeat_interleave(n, dim=0).to(self.device)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            temperature=temperature if not greedy else None,
+            top_p=top_p if not greedy else None,
+            top_k=top_k if not greedy else None,  # 0 disables top-k (transformers' default would be 50)
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        devices = [self.device] if self.device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=devices) if seed is not None else nullcontext()
+        was_training = self.model.training
+        self.model.eval()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config
+            )
+        self.model.train(was_training)
+        return self.rollout_from_ids(prompt_ids, prompt_mask, out[:, prompt_ids.size(1):], prompts, n)
+
+    def rollout_from_ids(self, prompt_ids, prompt_mask, response_ids, prompts: Sequence[str], n: int = 1) -> Rollout:
+        """Mask, measure and decode raw generated ids (B, T) into a Rollout."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        response_mask = response_mask_from_ids(response_ids, eos)
+        response_ids = response_ids.masked_fill(~response_mask, pad)
+        ended = ((response_ids == eos) & response_mask).any(-1)
+        lengths = response_mask.sum(-1)
+        text_ids = [row[m & (row != eos)].tolist() for row, m in zip(response_ids.cpu(), response_mask.cpu())]
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            ended=ended,
+            lengths=lengths,
+            prompt_index=torch.arange(len(prompts), device=response_ids.device).repeat_interleave(n),
+            prompts=[p for p in prompts for _ in range(n)],
+            completions=self.tokenizer.batch_decode(text_ids, skip_special_tokens=False),
+        )
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        rollout: Rollout,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        with_values: bool = False,
+    ) -> ForwardOut:
+        """Per-token log-probabilities (and entropy / values) of `rollout`'s response tokens. Shapes: (B, T).
+
+        Only the T + 1 positions that predict response tokens are projected to the vocabulary
+        (`logits_to_keep`), so no (B, P + T, V) tensor is built. Position ids follow the attention mask, so
+        left padding does not change the result. Values are read at the same positions: the value of the state
+        before each response token.
+        """
+        input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+        attention_mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1).long()
+        t = rollout.response_ids.size(1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=t + 1,
+            output_hidden_states=with_values,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1]
+        result = ForwardOut(logprobs=logprobs_from_logits(logits, rollout.response_ids, temperature))
+        if with_entropy:
+            result.entropy = entropy_from_logits(logits, temperature)
+        if with_values:
+            if self.value_head is None:
+                raise RuntimeError("this policy has no value head: load it with model.value_head=true")
+            hidden = out.hidden_states[-1][:, -t - 1:-1]
+            result.values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return result
+
+    def logprobs(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+        """Shorthand for `forward(rollout, temperature).logprobs`. Shape: (B, T)."""
+        return self.forward(rollout, temperature).logprobs
+
+    # -- saving -------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, merged: bool = False) -> None:
+        """Write Hugging Face files: the adapter (LoRA, default) or the full / merged model, plus the tokenizer
+        and the value head."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.is_lora and merged:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+        if self.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
+        (path / "policy.json").write_text(json.dumps({"lora": self.is_lora and not merged}, indent=2))

@@ -1,0 +1,163 @@
+"""Supervised fine-tuning: masked-label next-token loss on completions, with an optional λ-weighted LM loss on
+prompt tokens (L_total = L_task + λ·L_LM, `prompt_loss_weight`).
+
+Steps: 1 accelerator and seed → 2 policy (+ action tokens) → 3 data → 4 optimizer → 5 resume → 6 train loop
+(log / eval / checkpoint) → 7 final eval and save.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from rlhf.config import ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
+from rlhf.data import collate_sft, load_prompts, load_records, tokenize_sft
+from rlhf.evaluation import evaluate_gold
+from rlhf.losses import sft_loss, sft_loss_weights
+from rlhf.policy import PolicyModel
+from rlhf.stage import StageContext
+from rlhf.training import (
+    StepTimer, latest_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler,
+    micro_batch_indices, optimizer_step, peak_rss_gb, progress_axes, save_checkpoint, sync_unless_last,
+)
+from rlhf.tracking import progress
+
+
+class SFTData(Section):
+    train: str = Field("data/demo/sft.jsonl", description="prompt/completion or messages data (file, saved dataset dir or hub id)")
+    eval: str | None = Field(None, description="held-out demonstrations for eval loss; null = hold out eval_fraction of train")
+    eval_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="fraction of train held out when eval is null")
+    gold_prompts: str | None = Field(
+        "data/demo/eval_prompts.jsonl", description="held-out prompts with task/meta, scored by the world's gold scorers"
+    )
+    gold_limit: int | None = Field(None, description="use at most this many gold prompts (null = all)")
+    max_length: int = Field(128, ge=2, description="tokens per sequence; longer completions are cut on the right")
+    skip_overlong_prompts: bool = Field(False, description="drop (instead of failing on) prompts longer than max_length")
+
+
+class GenerationSettings(Section):
+    max_new_tokens: int = Field(48, ge=1, description="response budget for gold evaluation")
+    batch_size: int = Field(64, ge=1, description="prompts per generate call")
+
+
+class Config(StageConfig):
+    """`rlhf sft`: fine-tune a causal LM on demonstrations."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="the policy to fine-tune")
+    data: SFTData = Field(default_factory=SFTData, description="demonstrations and evaluation prompts")
+    action_tokens: list[str] = Field(default_factory=list, description="special tokens to add (e.g. task selectors)")
+    prompt_loss_weight: float = Field(0.0, ge=0.0, description="λ: weight of the next-token loss on prompt tokens")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="loop length, batch and cadence")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="AdamW and lr schedule")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="gold evaluation decoding")
+    save_merged: bool = Field(False, description="with LoRA, also write the merged full model (else the adapter)")
+
+
+def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
+    # 1. accelerator and seed ---------------------------------------------------------------------------------
+    accelerator = make_accelerator(cfg.train, cfg.seed)
+
+    # 2. policy; action tokens become special tokens with fresh embedding rows ---------------------------------
+    policy = PolicyModel.load(cfg.model, add_tokens=cfg.action_tokens, seed=cfg.seed)
+    tokenizer = policy.tokenizer
+
+    # 3. data ---------------------------------------------------------------------------------------------------
+    records = load_records(cfg.data.train)
+    if cfg.data.eval is not None:
+        eval_records = load_records(cfg.data.eval)
+    else:
+        n_eval = int(len(records) * cfg.data.eval_fraction)
+        split = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        eval_records = [records[i] for i in split[:n_eval]]
+        records = [records[i] for i in split[n_eval:]]
+    train_set, _ = tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.skip_overlong_prompts)
+    eval_set = tokenize_sft(eval_records, tokenizer, cfg.data.max_length, True)[0] if eval_records else []
+    gold_prompts = load_prompts(cfg.data.gold_prompts, cfg.data.gold_limit) if cfg.data.gold_prompts else []
+
+    # 4. optimizer and schedule, prepared by accelerate (DDP / FSDP / mixed precision when launched so) ----------
+    optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    model = policy.model
+
+    # 5. resume: model, optimizer, scheduler and RNG from the last checkpoint; the data order is a function of the step
+    counters = {"samples": 0, "tokens": 0, "seconds": 0.0}
+    start = 0
+    if ctx.resume and (ckpt := latest_checkpoint(ctx.dir)) is not None:
+        counters = load_checkpoint(accelerator, ckpt)
+        start = counters.pop("step")
+        print(f"resuming {ctx.name} from {ckpt.name}")
+    timer = StepTimer(counters["seconds"])
+
+    def batch_for(micro_index: int) -> dict[str, torch.Tensor]:
+        idx = micro_batch_indices(len(train_set), cfg.train.batch_size, micro_index, cfg.seed,
+                                  accelerator.process_index, accelerator.num_processes)
+        batch = collate_sft([train_set[i] for i in idx], tokenizer.pad_token_id)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        metrics = {}
+        if eval_set:
+            metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device)
+        if gold_prompts:
+            metrics.update(evaluate_gold(policy, gold_prompts, **cfg.generation.model_dump()))
+        model.train()
+        return metrics
+
+    # 6. train loop ---------------------------------------------------------------------------------------------
+    model.train()
+    metrics: dict[str, float] = {}
+    for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
+        micro = [batch_for(step * cfg.train.grad_accum + m) for m in range(cfg.train.grad_accum)]
+        weights = [sft_loss_weights(b["completion_mask"], b["attention_mask"], cfg.prompt_loss_weight) for b in micro]
+        # one global denominator for all micro-batches (and processes): accumulation then equals one big batch
+        normalizer = accelerator.reduce(sum(w.sum() for w in weights), "sum") / accelerator.num_processes
+        loss_sum = 0.0
+        for i, (batch, w) in enumerate(zip(micro, weights)):
+            with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+                loss, _ = sft_loss(logits, batch["input_ids"], w, normalizer)
+                accelerator.backward(loss)
+            loss_sum += loss.item()
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
+
+        tokens = int(sum(b["attention_mask"].sum() for b in micro)) * accelerator.num_processes
+        counters["samples"] += sum(len(b["input_ids"]) for b in micro) * accelerator.num_processes
+        counters["tokens"] += tokens
+        done = step + 1
+        lap = timer.lap()
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            ctx.tracker.log({
+                "loss/total": loss_sum, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                "perf/step_seconds": lap, "perf/tokens_per_s": tokens / max(lap, 1e-9), "perf/peak_rss_gb": peak_rss_gb(),
+                **progress_axes(counters, timer),
+            }, step=done)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+            ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.max_steps:
+            save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
+        metrics["loss/total"] = loss_sum
+
+    # 7. final evaluation and the model in Hugging Face format ---------------------------------------------------
+    metrics.update(evaluate())
+    ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
+    policy.model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        policy.save(ctx.dir, merged=cfg.save_merged)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_token_id: int, cfg: Config, device) -> float:
+    """Completion-token NLL on held-out demonstrations (same λ weighting as training)."""
+    total, weight = 0.0, 0.0
+    for start in range(0, len(examples), cfg.train.batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(examples[start:start + cfg.train.batch_size], pad_token_id).items()}
+        w = sft_loss_weights(batch["completion_mask"], batch["attention_mask"], cfg.prompt_loss_weight)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+        loss, stats = sft_loss(logits, batch["input_ids"], w)
+        total += stats["loss/nll_sum"].item()
+        weight += stats["loss/weight_sum"].item()
+    return total / max(weight, 1e-8)

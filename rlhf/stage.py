@@ -1,0 +1,106 @@
+"""A stage's output directory: ownership checks, the manifest, and the context a recipe runs in.
+
+The manifest is written `running` when a stage starts and `complete` (with final metrics) only after every
+artifact is on disk, via an atomic rename: a killed stage never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf import __version__
+from rlhf.errors import UserError
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class StageContext:
+    """What a recipe gets besides its config."""
+
+    name: str
+    kind: str
+    dir: Path
+    tracker: Any  # rlhf.tracking.Tracker
+    resume: bool = False  # a previous attempt with the same config left checkpoints to continue from
+    debug: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"tool": "?"}
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    """Atomic: a reader sees the old manifest or the new one, never half of one."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def claim(
+    directory: str | Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool = False, fresh: bool = False
+) -> str:
+    """Decide what to do with `directory` for a stage whose config hashes to `fingerprint`.
+
+    Returns "complete" (same config already finished: skip), "resume" (same config interrupted: continue from its
+    checkpoints) or "fresh". A directory that holds files rlhf did not write is never touched; one that holds
+    another config's artifact is replaced only with `overwrite`; `fresh` starts over even when the config matches.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        if directory.exists() and any(directory.iterdir()):
+            raise UserError(
+                f"output directory {directory} holds files that rlhf did not write (no {MANIFEST}); "
+                "choose another output_dir or empty it"
+            )
+    elif manifest.get("tool") != "rlhf":
+        raise UserError(f"output directory {directory} holds another tool's artifact ({MANIFEST} is not ours)")
+    elif manifest.get("fingerprint") == fingerprint and manifest.get("kind") == kind and not fresh:
+        if manifest.get("status") == "complete":
+            return "complete"
+        return "resume"
+    elif not (overwrite or fresh):
+        state = "a complete" if manifest.get("status") == "complete" else "an incomplete"
+        raise UserError(
+            f"output directory {directory} holds {state} '{manifest.get('kind')}' artifact made with a different "
+            "config; pass --overwrite to replace it or choose another output_dir"
+        )
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    write_manifest(directory, _manifest(stage, kind, fingerprint, "running"))
+    return "fresh"
+
+
+def _manifest(stage: str, kind: str, fingerprint: str, status: str, **extra) -> dict:
+    return {
+        "tool": "rlhf",
+        "version": __version__,
+        "stage": stage,
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "status": status,
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def finish(directory: str | Path, *, stage: str, kind: str, fingerprint: str, status: str, **extra) -> None:
+    """Mark the stage `complete` (or `failed`), recording inputs, final metrics and timings."""
+    write_manifest(directory, _manifest(stage, kind, fingerprint, status, **extra))

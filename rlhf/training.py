@@ -1,0 +1,176 @@
+"""Building blocks the training recipes share: optimizer + schedule, a stateless data order, resumable
+checkpoints. The loops themselves live in the recipes, read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.config import OptimSettings
+
+CHECKPOINTS = "checkpoints"
+
+
+def make_optimizer(params, optim: OptimSettings) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in GPT-2/nanoGPT."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas))
+
+
+def lr_factor(step: int, optim: OptimSettings, max_steps: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine / linear decay to 10%."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+    return 0.1 + 0.9 * decay
+
+
+def make_scheduler(optimizer, optim: OptimSettings, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, max_steps))
+
+
+def micro_batch_indices(n: int, batch_size: int, index: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Example indices of global micro-batch `index` for process `rank`.
+
+    The order is a fresh seeded permutation each epoch, computed from (seed, epoch) alone, so resuming at any
+    step needs only the step number: no sampler state to save.
+    """
+    start = (index * world + rank) * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = _epoch_permutation(n, seed, epoch)
+        out.append(int(perm[offset]))
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return _PERM_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resumable checkpoints: model, optimizer, scheduler and RNG through accelerate; step and counters in state.json
+
+
+def save_checkpoint(accelerator, stage_dir: Path, step: int, counters: dict, keep: int = 1) -> Path:
+    """Write `checkpoints/step-XXXXXX` atomically (written under a temporary name, then renamed)."""
+    root = Path(stage_dir) / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # safetensors refuses tied weights (embeddings shared with the LM head), so use torch's format here
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
+        if final.exists():  # left by an attempt killed after the rename but before it pruned
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    found = sorted((Path(stage_dir) / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG states; return the counters (step, samples, tokens...)."""
+    accelerator.load_state(str(path))
+    return json.loads((path / "state.json").read_text())
+
+
+def remove_checkpoints(stage_dir: Path) -> None:
+    """Resumable state is only useful while a stage is unfinished; a complete stage keeps its final model."""
+    shutil.rmtree(Path(stage_dir) / CHECKPOINTS, ignore_errors=True)
+
+
+class StepTimer:
+    """Wall time per optimizer step and since start (excluding time before a resume)."""
+
+    def __init__(self, elapsed: float = 0.0):
+        self.start = time.monotonic() - elapsed
+        self.last = time.monotonic()
+
+    def lap(self) -> float:
+        now = time.monotonic()
+        lap, self.last = now - self.last, now
+        return lap
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop's small pieces
+
+
+def make_accelerator(train, seed: int):
+    """An Accelerator for this stage (fresh state, so stages with different precision can share a process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import set_seed
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no")
+    set_seed(seed)
+    return accelerator
+
+
+def sync_unless_last(accelerator, model, index: int, count: int):
+    """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    from contextlib import nullcontext
+
+    return nullcontext() if index == count - 1 else accelerator.no_sync(model)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """Clip, step, schedule, zero. Returns the pre-clip global gradient norm."""
+    if max_grad_norm is not None:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def progress_axes(counters: dict, timer: StepTimer) -> dict[str, float]:
+    """The shared x-axes (progress/samples, progress/tokens, progress/seconds) every logged row carries."""
+    return {"progress/samples": counters["samples"], "progress/tokens": counters["tokens"], "progress/seconds": timer.elapsed}
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
