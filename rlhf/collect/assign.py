@@ -1,0 +1,123 @@
+"""Which pair an annotator judges next.
+
+Rules, in order:
+1. An annotator with a shown but unjudged, unexpired assignment gets the same one back (a page reload is stable).
+2. With probability `gold_rate`, a gold item this annotator has not seen yet.
+3. Otherwise a regular pair this annotator has never been assigned, whose judged + leased slots are below `overlap`;
+   with `active`, the pair the reward model is least certain about first; then pairs closest to completion (so
+   overlap - and with it agreement data - fills early); then the oldest.
+The left/right order is drawn per assignment and stored with it, so the judgment records what the annotator saw.
+
+Choosing and leasing happen under the store's write lock in one transaction, so two annotators of one server never
+both take a pair's last slot.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, func, select
+
+from rlhf.collect.settings import AssignmentSettings
+from rlhf.collect.storage import Store, assignments, decode_pair, pairs
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A pair as one annotator sees it: `left`/`right` are the responses in display order."""
+
+    id: str
+    pair_id: int
+    prompt: object  # str or list of {"role", "content"} turns
+    left: str
+    right: str
+    is_gold: bool
+
+
+class Assigner:
+    """Hands out assignments under an `AssignmentSettings` policy."""
+
+    def __init__(self, store: Store, settings: AssignmentSettings, seed: int | None = None):
+        self.store = store
+        self.settings = settings
+        self.rng = random.Random(seed)
+
+    def next_for(self, annotator_id: int) -> Assignment | None:
+        """The annotator's next assignment, or None when no pair is available to them right now."""
+        now = time.time()
+        cutoff = now - self.settings.lease_seconds
+        with self.store.write() as conn:
+            pending = conn.execute(
+                select(assignments.c.id, assignments.c.pair_id, assignments.c.left)
+                .where(assignments.c.annotator_id == annotator_id)
+                .where(assignments.c.completed.is_(False) & (assignments.c.issued_at > cutoff))
+                .order_by(assignments.c.issued_at)
+                .limit(1)
+            ).first()
+            if pending is not None:
+                return self._view(conn, pending.id, pending.pair_id, pending.left)
+            pair_id = None
+            if self.settings.gold_rate > 0 and self.rng.random() < self.settings.gold_rate:
+                pair_id = self._gold_pair(conn, annotator_id)
+            if pair_id is None:
+                pair_id = self._regular_pair(conn, annotator_id, cutoff)
+            if pair_id is None:
+                return None
+            left = self.rng.choice(("a", "b"))
+            assignment_id = secrets.token_hex(16)
+            conn.execute(assignments.insert().values(
+                id=assignment_id, pair_id=pair_id, annotator_id=annotator_id, left=left, issued_at=now, completed=False
+            ))
+            return self._view(conn, assignment_id, pair_id, left)
+
+    @staticmethod
+    def _not_seen_by(annotator_id: int):
+        seen = select(assignments.c.id).where(
+            (assignments.c.pair_id == pairs.c.id) & (assignments.c.annotator_id == annotator_id)
+        )
+        return ~seen.exists()
+
+    def _gold_pair(self, conn: Connection, annotator_id: int) -> int | None:
+        candidates = conn.execute(
+            select(pairs.c.id).where(pairs.c.gold_label.is_not(None)).where(self._not_seen_by(annotator_id))
+        ).scalars().all()
+        return self.rng.choice(candidates) if candidates else None
+
+    def _regular_pair(self, conn: Connection, annotator_id: int, cutoff: float) -> int | None:
+        taken = (
+            select(func.count())
+            .select_from(assignments)
+            .where(assignments.c.pair_id == pairs.c.id)
+            .where(assignments.c.completed.is_(True) | (assignments.c.issued_at > cutoff))
+            .scalar_subquery()
+        )
+        order = [taken.desc(), pairs.c.id]
+        if self.settings.active:
+            # Unscored pairs (null uncertainty) go after scored ones on both backends.
+            order = [func.coalesce(pairs.c.uncertainty, -1.0).desc(), *order]
+        return conn.execute(
+            select(pairs.c.id)
+            .where(pairs.c.gold_label.is_(None))
+            .where(self._not_seen_by(annotator_id))
+            .where(taken < self.settings.overlap)
+            .order_by(*order)
+            .limit(1)
+        ).scalar()
+
+    @staticmethod
+    def _view(conn: Connection, assignment_id: str, pair_id: int, left: str) -> Assignment:
+        row = decode_pair(conn.execute(
+            select(pairs.c.prompt, pairs.c.response_a, pairs.c.response_b, pairs.c.gold_label).where(pairs.c.id == pair_id)
+        ).mappings().one())
+        a, b = row["response_a"], row["response_b"]
+        return Assignment(
+            id=assignment_id,
+            pair_id=pair_id,
+            prompt=row["prompt"],
+            left=a if left == "a" else b,
+            right=b if left == "a" else a,
+            is_gold=row["gold_label"] is not None,
+        )

@@ -1,0 +1,293 @@
+"""Where pairs come from, and the background thread that keeps enough of them ready.
+
+A *pair source* is anything with `next_batch() -> list[NewPair]` (an empty list = exhausted):
+- `PolicyPairSource` samples one checkpoint twice per prompt, or two checkpoints once each (a head-to-head);
+- `FilePairSource` serves a jsonl of ready pairs (tests, or pairs generated elsewhere).
+`PairFeeder` asks its source for more whenever fewer than `ready_ahead` pairs have open judgment slots, marks gold
+items and scores reward-model uncertainty on the way in, so annotators never wait on a model call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import Callable, Protocol
+
+from rlhf.collect.settings import CollectConfig, GenerationSettings
+from rlhf.collect.storage import NewPair, Store
+from rlhf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[list, list[str]], list[float]]  # (prompts, completions) -> reward scores
+
+
+class PairSource(Protocol):
+    def next_batch(self) -> list[NewPair]: ...
+
+
+class FilePairSource:
+    """Pairs read from a jsonl file: `prompt`, `response_a`, `response_b`, optional `source_a`, `source_b`,
+    `task`, `meta`. Served in file order, `batch_size` at a time."""
+
+    def __init__(self, path: str | Path, batch_size: int = 64):
+        self.pairs = read_pair_file(path)
+        self.batch_size = batch_size
+        self._next = 0
+
+    def next_batch(self) -> list[NewPair]:
+        batch = self.pairs[self._next : self._next + self.batch_size]
+        self._next += len(batch)
+        return batch
+
+
+def read_pair_file(path: str | Path) -> list[NewPair]:
+    from rlhf.data import load_records, require_fields
+
+    out = []
+    for rec in load_records(str(path)):
+        require_fields(rec, ["response_a", "response_b"], str)
+        require_fields(rec, ["prompt"], (str, list))
+        out.append(NewPair(
+            prompt=rec["prompt"],
+            response_a=rec["response_a"],
+            response_b=rec["response_b"],
+            source_a=str(rec.get("source_a") or "file"),
+            source_b=str(rec.get("source_b") or "file"),
+            task=rec.get("task"),
+            meta=rec.get("meta"),
+        ))
+    return out
+
+
+def read_gold_file(path: str | Path, seed: int = 0) -> list[NewPair]:
+    """Gold items from a jsonl of `prompt`, `chosen`, `rejected`; which of the two is stored as A is drawn at
+    random (the display order is randomized again per annotator)."""
+    import random
+
+    from rlhf.data import load_records, require_fields
+
+    rng = random.Random(seed)
+    out = []
+    for rec in load_records(str(path)):
+        require_fields(rec, ["chosen", "rejected"], str)
+        require_fields(rec, ["prompt"], (str, list))
+        chosen_first = rng.random() < 0.5
+        a, b = (rec["chosen"], rec["rejected"]) if chosen_first else (rec["rejected"], rec["chosen"])
+        out.append(NewPair(prompt=rec["prompt"], response_a=a, response_b=b, source_a="gold", source_b="gold",
+                           task=rec.get("task"), meta=rec.get("meta"), gold_label=1.0 if chosen_first else 0.0))
+    return out
+
+
+class PolicyPairSource:
+    """Two responses per prompt from policy checkpoints, cycling over the prompt set with a new seed each round.
+
+    `policies` maps a display name (the checkpoint path) to a loaded `PolicyModel`; one entry = two samples of it,
+    two entries = one sample from each. Pairs with identical responses carry no preference and are skipped.
+    """
+
+    def __init__(self, policies: dict, prompts: list, generation: GenerationSettings, seed: int = 0):
+        if not 1 <= len(policies) <= 2:
+            raise ValueError("PolicyPairSource takes one or two policies")
+        if not prompts:
+            raise UserError("the prompt set is empty")
+        self.policies = policies
+        self.prompts = prompts
+        self.generation = generation
+        self.seed = seed
+        self._cursor = 0
+        self._calls = 0
+
+    def next_batch(self) -> list[NewPair]:
+        k = self.generation.prompts_per_batch
+        records = [self.prompts[(self._cursor + i) % len(self.prompts)] for i in range(k)]
+        self._cursor = (self._cursor + k) % len(self.prompts)
+        texts = [self._prompt_text(r) for r in records]
+        self._calls += 1
+        names = list(self.policies)
+        if len(names) == 1:
+            out = self._sample(names[0], texts, n=2)
+            responses = [(out[2 * i], out[2 * i + 1]) for i in range(len(records))]
+            sources = (names[0], names[0])
+        else:
+            first, second = self._sample(names[0], texts, n=1), self._sample(names[1], texts, n=1)
+            responses = list(zip(first, second))
+            sources = (names[0], names[1])
+        return [
+            NewPair(prompt=rec["prompt"], response_a=a, response_b=b, source_a=sources[0], source_b=sources[1],
+                    task=rec.get("task"), meta=rec.get("meta"))
+            for rec, (a, b) in zip(records, responses)
+            if a != b
+        ]
+
+    def _prompt_text(self, record) -> str:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            return prompt
+        tokenizer = next(iter(self.policies.values())).tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise UserError(f"{record.origin}: chat prompts need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def _sample(self, name: str, texts: list[str], n: int) -> list[str]:
+        g = self.generation
+        rollout = self.policies[name].generate(
+            texts, n=n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+            seed=self.seed * 1_000_003 + self._calls,
+        )
+        return rollout.completions
+
+
+def uncertainty(score_a: float, score_b: float) -> float:
+    """1 - |2 p - 1| with p = sigmoid(score_a - score_b): 1 when the reward model sees a coin flip, 0 when sure."""
+    p = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, score_a - score_b))))
+    return 1.0 - abs(2.0 * p - 1.0)
+
+
+def load_reward_scorer(path: str) -> Scorer:
+    """A reward model trained by this project's reward stage (any HF sequence classifier with one label)."""
+    from reward_models.model import RewardModel
+
+    model = RewardModel.load(path)
+
+    def score(prompts: list, completions: list[str]) -> list[float]:
+        texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
+        return model.score(texts, completions).tolist()
+
+    return score
+
+
+class GoldMarker:
+    """Marks generated pairs gold when the demo world's gold scorer separates them by at least `margin`."""
+
+    def __init__(self, margin: float, max_items: int, already: int):
+        from rlhf.world import gold_score
+
+        self.gold_score = gold_score
+        self.margin = margin
+        self.remaining = max(0, max_items - already)
+
+    def mark(self, pair: NewPair) -> NewPair:
+        if self.remaining <= 0 or pair.task is None or not isinstance(pair.prompt, str):
+            return pair
+        a = self.gold_score(pair.task, pair.prompt, pair.response_a, pair.meta)
+        b = self.gold_score(pair.task, pair.prompt, pair.response_b, pair.meta)
+        if abs(a - b) < self.margin:
+            return pair
+        self.remaining -= 1
+        return _replace(pair, gold_label=1.0 if a > b else 0.0)
+
+
+def _replace(pair: NewPair, **changes) -> NewPair:
+    from dataclasses import replace
+
+    return replace(pair, **changes)
+
+
+class PairFeeder:
+    """Background thread keeping `ready_ahead` pairs with open slots in the store.
+
+    `wake()` after each judgment lets it top up at once; otherwise it re-checks every `poll_s`. A source error
+    stops the thread and is kept in `error` (shown on the admin page) rather than crashing the server.
+    """
+
+    def __init__(self, store: Store, source: PairSource, *, ready_ahead: int, overlap: int, lease_seconds: float,
+                 scorer: Scorer | None = None, gold: GoldMarker | None = None, poll_s: float = 2.0):
+        self.store = store
+        self.source = source
+        self.ready_ahead = ready_ahead
+        self.overlap = overlap
+        self.lease_seconds = lease_seconds
+        self.scorer = scorer
+        self.gold = gold
+        self.poll_s = poll_s
+        self.exhausted = False
+        self.error: str | None = None
+        self.generated = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pair-feeder", daemon=True)
+
+    def start(self) -> "PairFeeder":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def fill_once(self) -> int:
+        """Generate one batch if fewer than `ready_ahead` pairs are open; returns pairs added (-1 = exhausted)."""
+        if self.store.count_open_pairs(self.overlap, self.lease_seconds) >= self.ready_ahead:
+            return 0
+        batch = self.source.next_batch()
+        if not batch:
+            self.exhausted = True
+            return -1
+        if self.gold is not None:
+            batch = [self.gold.mark(p) for p in batch]
+        if self.scorer is not None:
+            batch = self._score(batch)
+        added = self.store.add_pairs(batch)
+        self.generated += added
+        return added
+
+    def _score(self, batch: list[NewPair]) -> list[NewPair]:
+        prompts = [p.prompt for p in batch]
+        scores_a = self.scorer(prompts, [p.response_a for p in batch])
+        scores_b = self.scorer(prompts, [p.response_b for p in batch])
+        return [_replace(p, uncertainty=uncertainty(sa, sb)) for p, sa, sb in zip(batch, scores_a, scores_b)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                added = self.fill_once()
+            except Exception as exc:  # noqa: BLE001 - surfaced on the admin page, the server keeps serving
+                log.exception("pair generation failed")
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
+            if added == -1:
+                return
+            if added == 0:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+
+def build_source(cfg: CollectConfig) -> PairSource:
+    """The pair source a config describes (loads the policy checkpoints when it names them)."""
+    if cfg.pairs.file:
+        return FilePairSource(cfg.pairs.file)
+    from rlhf.data import load_prompts
+    from rlhf.policy import PolicyModel
+
+    prompts = load_prompts(cfg.pairs.prompts, limit=cfg.pairs.max_prompts)
+    policies = {}
+    for path in cfg.pairs.checkpoints:
+        if not Path(path).exists():
+            raise UserError(f"policy checkpoint not found: {path} (train one first, e.g. `rlhf run configs/pipelines/demo.yaml`)")
+        policies[path] = PolicyModel.from_pretrained(path)
+    return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=cfg.seed)
+
+
+def build_feeder(cfg: CollectConfig, store: Store, source: PairSource | None = None) -> PairFeeder:
+    """A feeder for `cfg` (gold items from `gold.file` are stored right away)."""
+    if cfg.gold.file:
+        store.add_pairs(read_gold_file(cfg.gold.file, seed=cfg.seed))
+    gold = None
+    if cfg.gold.world_margin is not None:
+        gold = GoldMarker(cfg.gold.world_margin, cfg.gold.max_items, already=store.count_gold())
+    scorer = load_reward_scorer(cfg.reward_model) if cfg.reward_model else None
+    if cfg.assignment.active and scorer is None:
+        raise UserError("assignment.active needs reward_model (the model whose uncertainty picks the next pair)")
+    return PairFeeder(
+        store, source if source is not None else build_source(cfg),
+        ready_ahead=cfg.pairs.ready_ahead, overlap=cfg.assignment.overlap,
+        lease_seconds=cfg.assignment.lease_seconds, scorer=scorer, gold=gold,
+    )

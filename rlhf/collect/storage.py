@@ -1,0 +1,479 @@
+"""Durable storage of annotators, pairs, assignments and judgments (SQLAlchemy Core).
+
+SQLite (the embedded default) runs in WAL mode with `synchronous=FULL`, so a judgment whose commit returned survives
+a killed process and a power cut; PostgreSQL works through its URL (`postgresql+psycopg://...`). The schema carries
+a version in `schema_info`; a database written by a newer schema is refused instead of being misread.
+
+Invariants the database itself enforces (so they hold across threads, processes and retries):
+- one judgment per (pair, annotator) - a pair never gets two judgments from the same person, and a resubmitted
+  judgment is stored once;
+- one assignment per (pair, annotator), which also fixes the left/right order that annotator saw;
+- pair contents are unique (a content hash), so regenerated duplicates are not stored twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from rlhf.errors import UserError
+
+SCHEMA_VERSION = 1
+CHOICES = ("a", "b", "tie", "both_bad")  # canonical: relative to the stored response_a / response_b
+SIDES = ("left", "right", "tie", "both_bad")  # what an annotator clicks: relative to what they saw
+
+metadata = MetaData()
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+annotators = Table(
+    "annotators",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True),  # sha256 of the token; the token is never stored
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+)
+
+pairs = Table(
+    "pairs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("prompt", Text, nullable=False),  # JSON: a string, or a list of {"role", "content"} chat turns
+    Column("response_a", Text, nullable=False),
+    Column("response_b", Text, nullable=False),
+    Column("source_a", String(512), nullable=False),  # the checkpoint that wrote response_a
+    Column("source_b", String(512), nullable=False),
+    Column("task", String(64)),
+    Column("meta", Text),  # JSON metadata the demo world's scorers read; never shown to annotators
+    Column("gold_label", Float),  # null = regular pair; 1.0 = A is right, 0.0 = B is right, 0.5 = tie
+    Column("uncertainty", Float),  # reward-model uncertainty in [0, 1] (1 = coin flip), for active selection
+    Column("content_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+)
+
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("id", String(32), primary_key=True),  # random, so a client cannot guess another annotator's item
+    Column("pair_id", Integer, ForeignKey("pairs.id"), nullable=False),
+    Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False),
+    Column("left", String(1), nullable=False),  # "a" or "b": which stored response was shown on the left
+    Column("issued_at", Float, nullable=False),
+    Column("completed", Boolean, nullable=False, default=False),
+    UniqueConstraint("pair_id", "annotator_id", name="uq_assignment_pair_annotator"),
+)
+
+judgments = Table(
+    "judgments",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pair_id", Integer, ForeignKey("pairs.id"), nullable=False),
+    Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False),
+    Column("assignment_id", String(32), ForeignKey("assignments.id"), nullable=False),
+    Column("choice", String(8), nullable=False),  # one of CHOICES
+    Column("left", String(1), nullable=False),  # copied from the assignment: the order this judgment was made in
+    Column("strength", Integer),  # 1..3 or null
+    Column("rationale", Text, nullable=False, default=""),
+    Column("guidelines_version", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("pair_id", "annotator_id", name="uq_judgment_pair_annotator"),
+)
+
+Index("ix_judgments_pair", judgments.c.pair_id)
+Index("ix_assignments_annotator", assignments.c.annotator_id, assignments.c.completed)
+Index("ix_pairs_gold", pairs.c.gold_label)
+
+
+class UnknownAssignment(Exception):
+    """The assignment id does not exist or belongs to another annotator."""
+
+
+class ConflictingJudgment(Exception):
+    """The annotator already judged this pair differently; the first judgment stands."""
+
+
+@dataclass(frozen=True)
+class Annotator:
+    id: int
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class NewPair:
+    """A pair to store. `prompt` is a string or a list of chat turns."""
+
+    prompt: Any
+    response_a: str
+    response_b: str
+    source_a: str
+    source_b: str
+    task: str | None = None
+    meta: dict | None = None
+    gold_label: float | None = None
+    uncertainty: float | None = None
+
+    def content_hash(self) -> str:
+        payload = json.dumps(
+            [self.prompt, self.response_a, self.response_b, self.source_a, self.source_b, self.gold_label is not None],
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredJudgment:
+    id: int
+    duplicate: bool  # True when this exact judgment had already been stored
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def choice_from_side(side: str, left: str) -> str:
+    """Translate what the annotator clicked ("left"/"right"/...) into the canonical choice ("a"/"b"/...)."""
+    if side == "left":
+        return left
+    if side == "right":
+        return "b" if left == "a" else "a"
+    return side
+
+
+def _sqlite_engine(url: str) -> Engine:
+    db_path = make_url(url).database
+    if db_path and db_path != ":memory:":
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    # NullPool: each transaction opens its own connection, so no connection (and its WAL read snapshot) is shared
+    # between threads; opening an SQLite file is cheap.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Take transaction control from the sqlite3 module so writers can BEGIN IMMEDIATE (below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: acknowledged = durable
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without waiting when another
+        # process wrote in between; taking the write lock up front makes writers queue on busy_timeout instead.
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Store:
+    """The database of one collection project. Thread-safe; writes from this process are serialized."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str) -> "Store":
+        """Connect, create the schema on an empty database, and refuse a database of another schema version."""
+        try:
+            engine = (
+                _sqlite_engine(url)
+                if url.startswith("sqlite")
+                else create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            )
+        except (ArgumentError, ValueError) as exc:
+            raise UserError(f"invalid database URL {url!r}: {exc}") from None
+        except ImportError as exc:
+            raise UserError(f"database driver for {url.split(':', 1)[0]!r} is not installed: {exc}") from None
+        store = cls(engine)
+        try:
+            store._ensure_schema()
+        except OperationalError as exc:
+            raise UserError(f"cannot open database {make_url(url).render_as_string()}: {exc.orig}") from None
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _ensure_schema(self) -> None:
+        with self.write() as conn:
+            if not inspect(conn).has_table("schema_info"):
+                metadata.create_all(conn)
+                conn.execute(schema_info.insert(), [
+                    {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                    {"key": "csrf_secret", "value": secrets.token_hex(32)},
+                ])
+                return
+            version = conn.execute(select(schema_info.c.value).where(schema_info.c.key == "schema_version")).scalar()
+        if version is None or int(version) != SCHEMA_VERSION:
+            raise UserError(
+                f"database schema version {version} is not the version this rlhf understands ({SCHEMA_VERSION}); "
+                "use the rlhf release that created it or start a new database"
+            )
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: committed when the block exits normally, rolled back on an exception."""
+        with self._write_lock, self.engine.connect() as conn:
+            conn = conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                yield conn
+
+    # -- annotators --------------------------------------------------------------------------------------------
+
+    def add_annotator(self, name: str, admin: bool = False) -> str:
+        """Create an annotator and return their token (shown once; only its hash is stored)."""
+        name = name.strip()
+        if not name or len(name) > 128:
+            raise UserError("annotator name must be 1-128 characters")
+        token = secrets.token_urlsafe(24)
+        try:
+            with self.write() as conn:
+                conn.execute(annotators.insert().values(
+                    name=name, token_hash=hash_token(token), is_admin=admin, created_at=time.time()
+                ))
+        except IntegrityError:
+            raise UserError(f"an annotator named {name!r} already exists") from None
+        return token
+
+    def find_annotator(self, token: str) -> Annotator | None:
+        with self.read() as conn:
+            row = conn.execute(
+                select(annotators.c.id, annotators.c.name, annotators.c.is_admin).where(
+                    annotators.c.token_hash == hash_token(token)
+                )
+            ).first()
+        return Annotator(row.id, row.name, bool(row.is_admin)) if row else None
+
+    def annotator_names(self) -> dict[int, str]:
+        with self.read() as conn:
+            return {r.id: r.name for r in conn.execute(select(annotators.c.id, annotators.c.name))}
+
+    def csrf_secret(self) -> bytes:
+        with self.read() as conn:
+            return conn.execute(select(schema_info.c.value).where(schema_info.c.key == "csrf_secret")).scalar_one().encode()
+
+    # -- pairs ---------------------------------------------------------------------------------------------------
+
+    def add_pairs(self, new_pairs: list[NewPair]) -> int:
+        """Store pairs whose content is not stored yet; returns how many were added."""
+        if not new_pairs:
+            return 0
+        now = time.time()
+        by_hash = {p.content_hash(): p for p in new_pairs}
+        with self.write() as conn:
+            existing = set(conn.execute(select(pairs.c.content_hash).where(pairs.c.content_hash.in_(list(by_hash)))).scalars())
+            rows = [
+                {
+                    "prompt": json.dumps(p.prompt),
+                    "response_a": p.response_a,
+                    "response_b": p.response_b,
+                    "source_a": p.source_a,
+                    "source_b": p.source_b,
+                    "task": p.task,
+                    "meta": json.dumps(p.meta) if p.meta is not None else None,
+                    "gold_label": p.gold_label,
+                    "uncertainty": p.uncertainty,
+                    "content_hash": h,
+                    "created_at": now,
+                }
+                for h, p in by_hash.items()
+                if h not in existing
+            ]
+            if rows:
+                conn.execute(pairs.insert(), rows)
+        return len(rows)
+
+    def count_gold(self) -> int:
+        with self.read() as conn:
+            return conn.execute(select(func.count()).select_from(pairs).where(pairs.c.gold_label.is_not(None))).scalar_one()
+
+    def count_open_pairs(self, overlap: int, lease_seconds: float) -> int:
+        """Regular pairs that still have a judgment slot free (judged + live assignments < overlap)."""
+        cutoff = time.time() - lease_seconds
+        taken = (
+            select(func.count())
+            .select_from(assignments)
+            .where(assignments.c.pair_id == pairs.c.id)
+            .where(assignments.c.completed.is_(True) | (assignments.c.issued_at > cutoff))
+            .scalar_subquery()
+        )
+        with self.read() as conn:
+            return conn.execute(
+                select(func.count()).select_from(pairs).where(pairs.c.gold_label.is_(None)).where(taken < overlap)
+            ).scalar_one()
+
+    def get_pair(self, pair_id: int) -> dict:
+        with self.read() as conn:
+            row = conn.execute(select(pairs).where(pairs.c.id == pair_id)).mappings().one()
+        return decode_pair(row)
+
+    # -- judgments -----------------------------------------------------------------------------------------------
+
+    def record_judgment(
+        self,
+        annotator_id: int,
+        assignment_id: str,
+        side: str,
+        strength: int | None,
+        rationale: str,
+        guidelines_version: str,
+    ) -> StoredJudgment:
+        """Store a judgment for an assignment; returns once it is committed (durable).
+
+        Idempotent: resubmitting the same judgment returns the stored one with `duplicate=True`; a different answer
+        for an already judged pair raises `ConflictingJudgment`. Raises `UnknownAssignment` for an id that is not
+        this annotator's.
+        """
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}")
+        try:
+            with self.write() as conn:
+                asg = conn.execute(
+                    select(assignments.c.pair_id, assignments.c.left).where(
+                        (assignments.c.id == assignment_id) & (assignments.c.annotator_id == annotator_id)
+                    )
+                ).first()
+                if asg is None:
+                    raise UnknownAssignment(assignment_id)
+                choice = choice_from_side(side, asg.left)
+                existing = self._existing_judgment(conn, asg.pair_id, annotator_id)
+                if existing is not None:
+                    return self._as_duplicate(existing, choice)
+                result = conn.execute(judgments.insert().values(
+                    pair_id=asg.pair_id,
+                    annotator_id=annotator_id,
+                    assignment_id=assignment_id,
+                    choice=choice,
+                    left=asg.left,
+                    strength=strength,
+                    rationale=rationale,
+                    guidelines_version=guidelines_version,
+                    created_at=time.time(),
+                ))
+                conn.execute(assignments.update().where(assignments.c.id == assignment_id).values(completed=True))
+                return StoredJudgment(result.inserted_primary_key[0], duplicate=False)
+        except IntegrityError:
+            # Another process stored this annotator's judgment of the pair between our check and insert.
+            with self.read() as conn:
+                pair_id = conn.execute(select(assignments.c.pair_id).where(assignments.c.id == assignment_id)).scalar_one()
+                existing = self._existing_judgment(conn, pair_id, annotator_id)
+            return self._as_duplicate(existing, choice)
+
+    @staticmethod
+    def _existing_judgment(conn: Connection, pair_id: int, annotator_id: int):
+        return conn.execute(
+            select(judgments.c.id, judgments.c.choice).where(
+                (judgments.c.pair_id == pair_id) & (judgments.c.annotator_id == annotator_id)
+            )
+        ).first()
+
+    @staticmethod
+    def _as_duplicate(existing, choice: str) -> StoredJudgment:
+        if existing.choice != choice:
+            raise ConflictingJudgment(f"pair already judged as {existing.choice!r}")
+        return StoredJudgment(existing.id, duplicate=True)
+
+    def count_judgments(self, annotator_id: int | None = None) -> int:
+        query = select(func.count()).select_from(judgments)
+        if annotator_id is not None:
+            query = query.where(judgments.c.annotator_id == annotator_id)
+        with self.read() as conn:
+            return conn.execute(query).scalar_one()
+
+    def judgment_rows(self) -> list[dict]:
+        """Every judgment joined with its pair and annotator name, oldest first."""
+        query = (
+            select(
+                judgments.c.id,
+                judgments.c.pair_id,
+                judgments.c.choice,
+                judgments.c.left,
+                judgments.c.strength,
+                judgments.c.rationale,
+                judgments.c.guidelines_version,
+                judgments.c.created_at,
+                annotators.c.name.label("annotator"),
+                pairs.c.prompt,
+                pairs.c.response_a,
+                pairs.c.response_b,
+                pairs.c.source_a,
+                pairs.c.source_b,
+                pairs.c.task,
+                pairs.c.meta,
+                pairs.c.gold_label,
+            )
+            .join(pairs, pairs.c.id == judgments.c.pair_id)
+            .join(annotators, annotators.c.id == judgments.c.annotator_id)
+            .order_by(judgments.c.id)
+        )
+        with self.read() as conn:
+            return [decode_pair(r) for r in conn.execute(query).mappings()]
+
+    def pair_counts(self) -> dict[str, int]:
+        """Pair totals for the progress display."""
+        with self.read() as conn:
+            total = conn.execute(select(func.count()).select_from(pairs).where(pairs.c.gold_label.is_(None))).scalar_one()
+            gold = conn.execute(select(func.count()).select_from(pairs).where(pairs.c.gold_label.is_not(None))).scalar_one()
+            judged = conn.execute(
+                select(func.count()).select_from(judgments).join(pairs, pairs.c.id == judgments.c.pair_id)
+                .where(pairs.c.gold_label.is_(None))
+            ).scalar_one()
+        return {"pairs": total, "gold_pairs": gold, "regular_judgments": judged}
+
+
+def decode_pair(row) -> dict:
+    """A row mapping with the JSON columns decoded."""
+    out = dict(row)
+    if "prompt" in out:
+        out["prompt"] = json.loads(out["prompt"])
+    if out.get("meta") is not None:
+        out["meta"] = json.loads(out["meta"])
+    return out

@@ -1,0 +1,29 @@
+"""The embedded demo world: two tasks with hidden gold scorers, a tokenizer trainer, a tiny LM builder and
+simulated annotators — everything the RLHF pipeline needs to run offline on a laptop CPU.
+
+Public API (other modules code against exactly these names):
+
+- ``ACTION_TOKENS``, ``TASKS`` — the task-selecting special tokens ``["<add>", "<review>"]`` and ``("add", "review")``
+- ``gold_score`` / ``gold_scores`` — the hidden deterministic judge
+- ``train_tokenizer`` — byte-level BPE, one token per digit, ``<pad> <bos> <eos> <unk>``, chat template
+- ``build_tiny_lm`` / ``MODEL_SIZES`` — a Llama-style causal LM from a config ("nano", "tiny", "small")
+- ``SimulatedAnnotator`` — Bradley-Terry-noisy pairwise preferences from the gold score
+
+Data files are written by ``python -m rlhf.world.generate_data --out data/demo``.
+"""
+
+from rlhf.world.annotators import SimulatedAnnotator
+from rlhf.world.model import MODEL_SIZES, build_tiny_lm
+from rlhf.world.tasks import ACTION_TOKENS, TASKS, gold_score, gold_scores
+from rlhf.world.tokenizer import train_tokenizer
+
+__all__ = [
+    "ACTION_TOKENS",
+    "TASKS",
+    "gold_score",
+    "gold_scores",
+    "train_tokenizer",
+    "build_tiny_lm",
+    "MODEL_SIZES",
+    "SimulatedAnnotator",
+]

@@ -1,0 +1,48 @@
+"""The demo world's task registry: which tasks exist, the action token that selects each, and the gold judge.
+
+Two tasks, chosen to cover the two kinds of RLHF signal:
+
+- ``"add"`` (:mod:`rlhf.world.arithmetic`): verifiable, binary gold score (is the final answer the sum?).
+- ``"review"`` (:mod:`rlhf.world.reviews`): open-ended, continuous gold score from a hidden rubric.
+
+The gold judge is hidden from the policy and the reward model: training sees it only through the simulated
+annotators' noisy preferences (or, for rule-based rewards, through the verifiable ``add`` check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rlhf.world import arithmetic, reviews
+
+TASKS: tuple[str, ...] = ("add", "review")
+# Special tokens that open every prompt and select its task. They are not in the base tokenizer (pretraining
+# never sees them); the SFT stage adds them as additional special tokens and resizes the embeddings.
+ACTION_TOKENS: list[str] = [arithmetic.ACTION, reviews.ACTION]
+
+
+def gold_score(task: str, prompt: str, completion: str, meta: dict | None) -> float:
+    """The hidden gold score of one completion; deterministic, and never raises on any completion string.
+
+    ``completion`` is decoded text without the EOS token. ``meta`` is the row's metadata (as written by the data
+    generator); when it lacks the task's keys they are recovered from ``prompt``.
+    Returns 0.0 / 1.0 for ``"add"`` and a float in [-1, 1] for ``"review"``. Raises ValueError for an unknown task.
+    """
+    if task == "add":
+        return arithmetic.gold_score(prompt, completion, meta)
+    if task == "review":
+        product = (meta or {}).get("product") or reviews.parse_prompt(prompt)["product"]
+        return reviews.gold_score(product, completion)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def gold_scores(
+    tasks: Sequence[str], prompts: Sequence[str], completions: Sequence[str], metas: Sequence[dict | None]
+) -> list[float]:
+    """:func:`gold_score` over parallel lists (all of one length, else ValueError)."""
+    if not len(tasks) == len(prompts) == len(completions) == len(metas):
+        raise ValueError(
+            f"gold_scores needs equal lengths, got tasks={len(tasks)} prompts={len(prompts)} "
+            f"completions={len(completions)} metas={len(metas)}"
+        )
+    return [gold_score(t, p, c, m) for t, p, c, m in zip(tasks, prompts, completions, metas)]

@@ -1,0 +1,45 @@
+"""Shared fixtures: the demo world's tokenizer and tiny models built from config, saved like hub checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# one thread per test process: torch's OpenMP threads spin-wait and collapse on a busy 2-core machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = ROOT / "data" / "demo" / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def nano_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A randomly initialised 'nano' demo-world Llama saved with save_pretrained (loads like a hub model)."""
+    from rlhf.world import build_tiny_lm
+
+    path = tmp_path_factory.mktemp("nano-model")
+    model = build_tiny_lm(tokenizer, "nano", seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
