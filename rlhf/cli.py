@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", help="pipeline YAML, e.g. configs/demo/pipeline.yaml")
     run.add_argument("overrides", nargs="*", help="key=value; <stage>.<key>=value reaches one stage")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
-    run.add_argument("--only", metavar="STAGE", help="rerun only this stage (its inputs must be complete)")
+    run.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete); with --from STAGE it reruns")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
 
     for kind, help_text in STAGE_HELP.items():
@@ -72,7 +72,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`rlhf run p.yaml --only sft sft.train.max_steps=3`)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if "=" not in item or item.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

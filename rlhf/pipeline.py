@@ -182,7 +182,7 @@ def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | No
             missing = [src for src in spec.inputs.values() if fingerprints[src] == "missing"]
             if missing:
                 raise UserError(f"--only {only}: its input stage '{missing[0]}' has not completed; run it first")
-        force = only is not None or (reached_from and from_stage is not None) or rerun_rest
+        force = (reached_from and from_stage is not None) or rerun_rest
         result = run_stage(spec.kind, cfg, name=spec.name, input_fingerprints=inputs, overwrite=True, force=force, debug=debug)
         fingerprints[spec.name] = result["fingerprint"]
         results[spec.name] = result

@@ -127,6 +127,8 @@ class PolicyModel:
         seed: int = 0,
     ) -> "PolicyModel":
         """Build the policy a config describes. `with_reference` keeps a frozen copy (free under LoRA)."""
+        if settings.path and not settings.scratch_size and _looks_local(settings.path) and not Path(settings.path).expanduser().exists():
+            raise UserError(f"model path not found: {settings.path}")
         tok_name = settings.tokenizer or settings.path
         if tok_name is None:
             raise UserError("config key 'model.path' (or 'model.tokenizer') is required")

@@ -49,7 +49,8 @@ class Assigner:
         """The annotator's next assignment, or None when no pair is available to them right now."""
         now = time.time()
         cutoff = now - self.settings.lease_seconds
-        with self.store.write() as conn:
+        # Not durable: a lease lost to a power cut only frees its slot early (the judgment itself is durable).
+        with self.store.write(durable=False) as conn:
             pending = conn.execute(
                 select(assignments.c.id, assignments.c.pair_id, assignments.c.left)
                 .where(assignments.c.annotator_id == annotator_id)

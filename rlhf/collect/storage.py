@@ -199,8 +199,11 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(conn):
         # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without waiting when another
         # process wrote in between; taking the write lock up front makes writers queue on busy_timeout instead.
-        immediate = conn.get_execution_options().get("sqlite_immediate", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = conn.get_execution_options()
+        # Judgments fsync the WAL at commit (FULL). Writes that may be lost on a power cut (assignment leases,
+        # which just expire) skip that fsync (NORMAL); the next FULL commit syncs their WAL frames too.
+        conn.exec_driver_sql("PRAGMA synchronous=" + ("FULL" if options.get("durable", True) else "NORMAL"))
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("sqlite_immediate", False) else "BEGIN")
 
     return engine
 
@@ -259,10 +262,14 @@ class Store:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: committed when the block exits normally, rolled back on an exception."""
+    def write(self, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction: committed when the block exits normally, rolled back on an exception.
+
+        `durable=False` (SQLite only) skips the fsync at commit: for data a power cut may lose without harm.
+        A process crash (SIGKILL) loses nothing either way, since the WAL is written before commit returns.
+        """
         with self._write_lock, self.engine.connect() as conn:
-            conn = conn.execution_options(sqlite_immediate=True)
+            conn = conn.execution_options(sqlite_immediate=True, durable=durable)
             with conn.begin():
                 yield conn
 
