@@ -202,11 +202,22 @@ def _expected_type(schema: type[BaseModel], dotted: str) -> str:
 
 
 def load_config(schema: type[Section], path: str | Path | None, overrides: dict[str, Any] | None = None) -> Section:
-    """Read `path` (YAML), apply dotted overrides, validate into `schema`."""
-    data = read_yaml(path) if path is not None else {}
+    """Read `path` (YAML), apply dotted overrides, validate into `schema`.
+
+    Without a file the overrides apply on top of the schema's defaults (`rlhf pretrain model.scratch_size=nano`
+    keeps the default tokenizer); a YAML section replaces the default section as a whole.
+    """
+    data = read_yaml(path) if path is not None else _defaults(schema)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return validate(schema, data, source=str(path) if path is not None else "config")
+
+
+def _defaults(schema: type[Section]) -> dict:
+    try:
+        return schema().model_dump(mode="json")
+    except ValidationError:  # the schema has required fields
+        return {}
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

@@ -43,7 +43,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
-from sqlalchemy.pool import NullPool
 
 from rlhf.errors import UserError
 
@@ -180,9 +179,9 @@ def _sqlite_engine(url: str) -> Engine:
     db_path = make_url(url).database
     if db_path and db_path != ":memory:":
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    # NullPool: each transaction opens its own connection, so no connection (and its WAL read snapshot) is shared
-    # between threads; opening an SQLite file is cheap.
-    engine = create_engine(url, poolclass=NullPool, connect_args={"check_same_thread": False, "timeout": 30})
+    # Pooled connections, one thread at a time each: closing the last connection of a WAL database checkpoints and
+    # deletes the WAL (several fsyncs), so connections are kept open rather than opened per transaction.
+    engine = create_engine(url, pool_size=8, max_overflow=24, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
