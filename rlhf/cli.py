@@ -29,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value; <stage>.<key>=value reaches one stage")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
     run.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete); with --from STAGE it reruns")
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     for kind, help_text in STAGE_HELP.items():
         stage = sub.add_parser(kind, help=help_text)
         stage.add_argument("config", nargs="?", help="stage YAML (omit for the defaults)")
         stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
         stage.add_argument("--overwrite", action="store_true", help="replace another config's artifact in output_dir")
-        stage.add_argument("--debug", action="store_true", help="show tracebacks")
+        stage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     world = sub.add_parser("world", help="the embedded demo world: regenerate its data files and tokenizer")
     world.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `python -m rlhf.world.generate_data`")

@@ -269,7 +269,7 @@ def build_source(cfg: CollectConfig) -> PairSource:
 
     prompts = load_prompts(cfg.pairs.prompts, limit=cfg.pairs.max_prompts)
     policies = {}
-    for path in cfg.pairs.checkpoints:
+    for path in cfg.pairs.checkpoints():
         if not Path(path).exists():
             raise UserError(f"policy checkpoint not found: {path} (train one first, e.g. `rlhf run configs/pipelines/demo.yaml`)")
         policies[path] = PolicyModel.from_pretrained(path)

@@ -30,11 +30,13 @@ class GenerationSettings(Section):
 
 
 class PairSettings(Section):
-    """Where pairs come from: policy checkpoints sampled on a prompt set, or a fixed file of pairs."""
+    """Where pairs come from: one or two policy checkpoints sampled on a prompt set, or a fixed file of pairs."""
 
-    checkpoints: list[str] = Field(
-        default_factory=list,
-        description="one checkpoint = two samples of it per prompt; two = one sample from each (a head-to-head)",
+    policy: str | None = Field(
+        None, description="policy checkpoint directory; alone, each pair is two samples of it for one prompt"
+    )
+    opponent: str | None = Field(
+        None, description="second checkpoint: each pair is then one sample of `policy` against one of this"
     )
     prompts: str | None = Field(None, description="prompt set (jsonl/parquet/dataset dir) with a `prompt` field")
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
@@ -46,13 +48,17 @@ class PairSettings(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "PairSettings":
-        if bool(self.checkpoints) == bool(self.file):
-            raise ValueError("set exactly one of pairs.checkpoints (with pairs.prompts) or pairs.file")
-        if self.checkpoints and not self.prompts:
-            raise ValueError("pairs.checkpoints needs pairs.prompts")
-        if len(self.checkpoints) > 2:
-            raise ValueError("pairs.checkpoints takes one or two checkpoints")
+        if bool(self.policy) == bool(self.file):
+            raise ValueError("set exactly one of pairs.policy (with pairs.prompts) or pairs.file")
+        if self.policy and not self.prompts:
+            raise ValueError("pairs.policy needs pairs.prompts")
+        if self.opponent and not self.policy:
+            raise ValueError("pairs.opponent needs pairs.policy")
         return self
+
+    def checkpoints(self) -> list[str]:
+        """The checkpoints pairs are sampled from: one (two samples each) or two (head-to-head)."""
+        return [c for c in (self.policy, self.opponent) if c]
 
 
 class AssignmentSettings(Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,11 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
     return result
 
 
-def simulate(cfg: CollectConfig, store, source=None, log=print) -> SimulationResult:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # stdout stays machine-readable (`rlhf collect simulate` prints JSON)
+
+
+def simulate(cfg: CollectConfig, store, source=None, log=_log) -> SimulationResult:
     """Serve `cfg`'s app on 127.0.0.1 (a free port) and let `cfg.simulate.annotators` simulated people judge until
     the database holds `cfg.simulate.judgments` judgments. `source` overrides the configured pair source."""
     from rlhf.collect.assign import Assigner

@@ -52,7 +52,8 @@ def _config_files():
 def test_every_config_loads_into_its_schema_and_documents_itself(path):
     """Each YAML has a header (what it runs, how long) and loads into the schema of its kind."""
     text = path.read_text()
-    assert text.startswith("#") and "Runs:" in text.split("\n\n")[0], f"{path} needs a header saying what it runs and how long"
+    header = text.split("\n\n")[0]
+    assert text.startswith("#") and "2 CPU cores" in header, f"{path} needs a header saying what it runs and how long"
     data = yaml.safe_load(text)
     if "stages" in data:
         cfg, _ = load_pipeline(path, [])
