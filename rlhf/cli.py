@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars of tiny models are noise between our own bars
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return dispatch(args)

@@ -50,7 +50,7 @@ def run_stage(
     name = name or kind
     out = Path(cfg.output_dir)
     fingerprint = _combined_fingerprint(cfg, input_fingerprints or {})
-    decision = stage_dir.claim(out, stage=name, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=force)
+    decision = _claim_on_main(out, stage=name, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=force)
     if decision == "complete":
         manifest = stage_dir.read_manifest(out)
         print(f"[{name}] complete with an unchanged config: skipped ({out})")
@@ -61,24 +61,53 @@ def run_stage(
         resume_step = int(ckpt.name.split("-")[-1])
     print(f"[{name}] {'resuming' if decision == 'resume' else 'running'} {kind} -> {out}")
     save_config(cfg, out / stage_dir.CONFIG_FILE)
-    tracker = Tracker(out, cfg.tracking, job_type=kind, name=name, config=cfg.model_dump(mode="json"), resume_step=resume_step)
+    tracker = Tracker(out, cfg.tracking, job_type=kind, name=name, config=cfg.model_dump(mode="json"),
+                      resume_step=resume_step, enabled=_is_main_process())
     ctx = stage_dir.StageContext(name=name, kind=kind, dir=out, tracker=tracker, resume=decision == "resume", debug=debug)
     started = time.monotonic()
     try:
         metrics = module.run(cfg, ctx)
     except BaseException:
-        stage_dir.finish(out, stage=name, kind=kind, fingerprint=fingerprint, status="failed")
+        if _is_main_process():
+            stage_dir.finish(out, stage=name, kind=kind, fingerprint=fingerprint, status="failed")
         tracker.finish()
         raise
-    remove_checkpoints(out)
     metrics = {k: float(v) for k, v in metrics.items()}
-    stage_dir.finish(
-        out, stage=name, kind=kind, fingerprint=fingerprint, status="complete", metrics=metrics,
-        inputs=input_fingerprints or {}, seconds=round(time.monotonic() - started, 2),
-    )
+    if _is_main_process():
+        remove_checkpoints(out)
+        stage_dir.finish(
+            out, stage=name, kind=kind, fingerprint=fingerprint, status="complete", metrics=metrics,
+            inputs=input_fingerprints or {}, seconds=round(time.monotonic() - started, 2),
+        )
     tracker.summary(metrics)
     tracker.finish()
     return {"status": "ran", "fingerprint": fingerprint, "metrics": metrics}
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _claim_on_main(out: Path, **kwargs) -> str:
+    """Only the main process touches the directory (under `accelerate launch` every process runs this code);
+    the others wait and receive its decision."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    decision: list = [None]
+    if state.is_main_process:
+        try:
+            decision = [stage_dir.claim(out, **kwargs)]
+        except UserError as exc:  # every process must fail, not wait forever for the broadcast
+            decision = [exc]
+    if state.num_processes > 1:
+        broadcast_object_list(decision, from_process=0)
+    if isinstance(decision[0], UserError):
+        raise decision[0]
+    return decision[0]
 
 
 def _combined_fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:

@@ -267,12 +267,11 @@ def build_source(cfg: CollectConfig) -> PairSource:
     from rlhf.data import load_prompts
     from rlhf.policy import PolicyModel
 
-    prompts = load_prompts(cfg.pairs.prompts, limit=cfg.pairs.max_prompts)
-    policies = {}
     for path in cfg.pairs.checkpoints():
         if not Path(path).exists():
-            raise UserError(f"policy checkpoint not found: {path} (train one first, e.g. `rlhf run configs/pipelines/demo.yaml`)")
-        policies[path] = PolicyModel.from_pretrained(path)
+            raise UserError(f"policy checkpoint not found: {path} (train one first: `rlhf run configs/demo/pipeline.yaml`)")
+    prompts = load_prompts(cfg.pairs.prompts, limit=cfg.pairs.max_prompts)
+    policies = {path: PolicyModel.from_pretrained(path) for path in cfg.pairs.checkpoints()}
     return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=cfg.seed)
 
 

@@ -100,8 +100,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         metrics = {}
         if eval_set:
             metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device)
-        if gold_prompts:
-            metrics.update(evaluate_gold(policy, gold_prompts, **cfg.generation.model_dump()))
+        if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
+            bare = PolicyModel(accelerator.unwrap_model(model), tokenizer)
+            metrics.update(evaluate_gold(bare, gold_prompts, **cfg.generation.model_dump()))
         model.train()
         return metrics
 

