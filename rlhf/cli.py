@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--overwrite", action="store_true", help="replace another config's artifact in output_dir")
         stage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    collect = sub.add_parser("collect", help="human preference collection: serve, add-annotator, export, leaderboard, simulate, stats")
+    collect.add_argument("args", nargs=argparse.REMAINDER, help="see `rlhf collect --help`")
+
     world = sub.add_parser("world", help="the embedded demo world: regenerate its data files and tokenizer")
     world.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `python -m rlhf.world.generate_data`")
     return parser
@@ -56,6 +59,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
         run_pipeline(args.pipeline, args.overrides, from_stage=args.from_stage, only=args.only, debug=args.debug)
         return 0
+    if args.command == "collect":
+        from rlhf.collect.cli import main as collect
+
+        return collect(args.args)
     if args.command == "world":
         from rlhf.world.generate_data import main as generate
 

@@ -126,7 +126,8 @@ class StageSpec(Section):
     config: str | None = Field(None, description="the stage's YAML config (null = the recipe's defaults)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value applied on top of config")
     inputs: dict[str, str] = Field(
-        default_factory=dict, description="dotted config key -> earlier stage whose output directory fills it"
+        default_factory=dict,
+        description="dotted config key -> earlier stage whose output directory fills it ('collect/preferences' = a path inside it)",
     )
 
 
@@ -161,17 +162,23 @@ def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfi
         if spec.name in seen:
             raise UserError(f"{path}: stage name '{spec.name}' is used twice")
         for key, source in spec.inputs.items():
-            if source not in seen:
+            if _source_stage(source) not in seen:
                 raise UserError(f"{path}: stage '{spec.name}' takes '{key}' from '{source}', which is not an earlier stage")
         seen.append(spec.name)
     return cfg, stage_overrides
+
+
+def _source_stage(source: str) -> str:
+    """'collect/preferences' -> 'collect': an input names a stage, optionally a path inside its directory."""
+    return source.partition("/")[0]
 
 
 def stage_config(pipeline: PipelineConfig, spec: StageSpec, cli_overrides: dict, outputs: dict[str, str]) -> StageConfig:
     """The resolved config of one pipeline stage: its YAML, its overrides, the command line's, then the wiring."""
     overrides = {**spec.overrides, **cli_overrides}
     for key, source in spec.inputs.items():
-        overrides[key] = outputs[source]
+        stage, _, inner = source.partition("/")
+        overrides[key] = str(Path(outputs[stage]) / inner) if inner else outputs[stage]
     overrides["output_dir"] = str(Path(pipeline.output_dir) / spec.name)
     if pipeline.seed is not None:
         overrides["seed"] = pipeline.seed
@@ -197,7 +204,7 @@ def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | No
     for spec in pipeline.stages:
         cfg = stage_config(pipeline, spec, stage_overrides.get(spec.name, {}), outputs)
         outputs[spec.name] = cfg.output_dir
-        inputs = {key: fingerprints[src] for key, src in spec.inputs.items()}
+        inputs = {key: fingerprints[_source_stage(src)] for key, src in spec.inputs.items()}
         reached_from = reached_from or spec.name == from_stage
         if only is not None and spec.name != only:
             manifest = stage_dir.read_manifest(cfg.output_dir) or {}
@@ -208,7 +215,7 @@ def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | No
                 fingerprints[spec.name] = manifest["fingerprint"]
             continue
         if only is not None:
-            missing = [src for src in spec.inputs.values() if fingerprints[src] == "missing"]
+            missing = [_source_stage(src) for src in spec.inputs.values() if fingerprints[_source_stage(src)] == "missing"]
             if missing:
                 raise UserError(f"--only {only}: its input stage '{missing[0]}' has not completed; run it first")
         force = (reached_from and from_stage is not None) or rerun_rest

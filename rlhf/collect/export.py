@@ -7,13 +7,13 @@ One row per pair, aggregating its judgments:
 - `tie` = True for tied pairs, which are kept only with `export.ties: keep` (TRL treats every row as a strict
   preference; this project's reward stage trains ties with label 1/2).
 Columns: prompt, chosen, rejected (strings, or chat turns when the prompt is a conversation), margin, tie, and the
-metadata pair_id, n_judgments, agreement, both_bad, is_gold, source_chosen, source_rejected, task, meta (JSON
-text), annotators, guidelines_versions.
+metadata pair_id, n_judgments, agreement, both_bad, is_gold, source_chosen, source_rejected, task, meta (a dict;
+Arrow gives every row the union of keys, missing ones null), annotators, guidelines_versions.
+Pairs with a blank response are left out (this project's reward stage and TRL refuse them).
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,6 +40,8 @@ def preference_rows(rows: list[dict], settings: ExportSettings) -> list[dict]:
     for pair_id in sorted(by_pair):
         group = by_pair[pair_id]
         first = group[0]
+        if not first["response_a"].strip() or not first["response_b"].strip():
+            continue  # preference readers (ours, TRL) refuse blank responses
         is_gold = first["gold_label"] is not None
         if len(group) < settings.min_judgments or (is_gold and not settings.include_gold):
             continue
@@ -68,7 +70,7 @@ def preference_rows(rows: list[dict], settings: ExportSettings) -> list[dict]:
             "source_chosen": first["source_a"] if a_wins else first["source_b"],
             "source_rejected": first["source_b"] if a_wins else first["source_a"],
             "task": first["task"] or "",
-            "meta": json.dumps(first["meta"]) if first["meta"] is not None else "",
+            "meta": first["meta"],  # a dict: the reward stage scores held-out pairs with the world's gold scorer
             "annotators": sorted(r["annotator"] for r in group),
             "guidelines_versions": sorted({r["guidelines_version"] for r in group}),
         })

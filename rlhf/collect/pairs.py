@@ -86,7 +86,8 @@ class PolicyPairSource:
     """Two responses per prompt from policy checkpoints, cycling over the prompt set with a new seed each round.
 
     `policies` maps a display name (the checkpoint path) to a loaded `PolicyModel`; one entry = two samples of it,
-    two entries = one sample from each. Pairs with identical responses carry no preference and are skipped.
+    two entries = one sample from each. Pairs with identical responses carry no preference, and blank responses
+    (an immediate EOS) give nothing to read; both are skipped.
     """
 
     def __init__(self, policies: dict, prompts: list, generation: GenerationSettings, seed: int = 0):
@@ -120,7 +121,7 @@ class PolicyPairSource:
             NewPair(prompt=rec["prompt"], response_a=a, response_b=b, source_a=sources[0], source_b=sources[1],
                     task=rec.get("task"), meta=rec.get("meta"))
             for rec, (a, b) in zip(records, responses)
-            if a != b
+            if a != b and a.strip() and b.strip()
         ]
 
     def _prompt_text(self, record) -> str:

@@ -1,7 +1,5 @@
 """Export: aggregation by hand, and the dataset read unchanged by this project's reward stage and by TRL."""
 
-import json
-
 import pytest
 
 from rlhf.collect.export import export, preference_rows, vote
@@ -31,7 +29,7 @@ def test_votes_and_aggregation_by_hand():
     assert one["source_chosen"] == "A" and one["annotators"] == ["p", "q"]
     assert two["tie"] and two["margin"] == 0 and two["both_bad"] == 0.5 and two["agreement"] == 1.0
     assert (three["chosen"], three["rejected"], three["source_chosen"]) == ("b3", "a3", "B")
-    assert json.loads(three["meta"]) == {"k": 1}
+    assert three["meta"] == {"k": 1}
     dropped = preference_rows(rows, ExportSettings(ties="drop"))
     assert [r["pair_id"] for r in dropped] == [1, 3]
     assert preference_rows(rows, ExportSettings(min_judgments=3)) == []
