@@ -105,6 +105,25 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
+def resume_state(accelerator, ctx) -> tuple[int, dict, "StepTimer"]:
+    """(first step, counters, timer): restored from the last checkpoint when the stage is resuming, else zero.
+
+    Model, optimizer, scheduler and RNG are restored in place by accelerate; the data order needs only the step.
+    """
+    counters = {"samples": 0, "tokens": 0, "seconds": 0.0}
+    start = 0
+    if ctx.resume and (ckpt := latest_checkpoint(ctx.dir)) is not None:
+        counters = load_checkpoint(accelerator, ckpt)
+        start = counters.pop("step")
+        print(f"resuming {ctx.name} from {ckpt.name}")
+    return start, counters, StepTimer(counters["seconds"])
+
+
+def is_due(every: int, done: int, max_steps: int) -> bool:
+    """Periodic eval / checkpoint at step `done`? Never at the last step: the final eval and save cover it."""
+    return bool(every) and done % every == 0 and done != max_steps
+
+
 def remove_checkpoints(stage_dir: Path) -> None:
     """Resumable state is only useful while a stage is unfinished; a complete stage keeps its final model."""
     shutil.rmtree(Path(stage_dir) / CHECKPOINTS, ignore_errors=True)

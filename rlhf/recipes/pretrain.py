@@ -17,8 +17,8 @@ from rlhf.losses import lm_loss
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    StepTimer, latest_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler,
-    micro_batch_indices, optimizer_step, peak_rss_gb, progress_axes, save_checkpoint, sync_unless_last,
+    is_due, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, peak_rss_gb,
+    progress_axes, resume_state, save_checkpoint, sync_unless_last,
 )
 from rlhf.tracking import progress
 
@@ -63,13 +63,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
 
     # 5. resume -------------------------------------------------------------------------------------------------
-    counters = {"samples": 0, "tokens": 0, "seconds": 0.0}
-    start = 0
-    if ctx.resume and (ckpt := latest_checkpoint(ctx.dir)) is not None:
-        counters = load_checkpoint(accelerator, ckpt)
-        start = counters.pop("step")
-        print(f"resuming {ctx.name} from {ckpt.name}")
-    timer = StepTimer(counters["seconds"])
+    start, counters, timer = resume_state(accelerator, ctx)
 
     def evaluate() -> dict[str, float]:
         if not len(eval_blocks):
@@ -112,9 +106,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 "perf/step_seconds": lap, "perf/tokens_per_s": tokens_per_micro * cfg.train.grad_accum / max(lap, 1e-9),
                 "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
             }, step=done)
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+        if is_due(cfg.train.eval_every, done, cfg.train.max_steps):
             ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.max_steps:
+        if is_due(cfg.train.save_every, done, cfg.train.max_steps):
             save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
         metrics["loss/total"] = loss_sum
 
