@@ -212,13 +212,15 @@ class PolicyModel:
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask, (B, P): left padding keeps every prompt's last token adjacent to the
         first generated one."""
-        encoded = [encode_prompt(p, self.tokenizer) for p in prompts]
+        bos = self.tokenizer.bos_token
+        if bos and any(p.startswith(bos) for p in prompts):  # chat-templated prompts may carry BOS already
+            encoded = [encode_prompt(p, self.tokenizer) for p in prompts]
+        else:
+            encoded = self.tokenizer(list(prompts)).input_ids  # one batched call
         width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.bool)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-            mask[i, width - len(e):] = True
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], dtype=torch.long)
+        mask = torch.tensor([[False] * (width - len(e)) + [True] * len(e) for e in encoded], dtype=torch.bool)
         return ids, mask
 
     @torch.no_grad()
@@ -256,13 +258,15 @@ class PolicyModel:
         rng = torch.random.fork_rng(devices=devices) if seed is not None else nullcontext()
         was_training = self.model.training
         self.model.eval()
-        with rng:
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config
-            )
-        self.model.train(was_training)
+        try:
+            with rng:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self.model.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config
+                )
+        finally:
+            self.model.train(was_training)
         return self.rollout_from_ids(prompt_ids, prompt_mask, out[:, prompt_ids.size(1):], prompts, n)
 
     def rollout_from_ids(self, prompt_ids, prompt_mask, response_ids, prompts: Sequence[str], n: int = 1) -> Rollout:
@@ -272,7 +276,9 @@ class PolicyModel:
         response_ids = response_ids.masked_fill(~response_mask, pad)
         ended = ((response_ids == eos) & response_mask).any(-1)
         lengths = response_mask.sum(-1)
-        text_ids = [row[m & (row != eos)].tolist() for row, m in zip(response_ids.cpu(), response_mask.cpu())]
+        # text = the counting tokens minus the final EOS; one .tolist() for the batch, then plain list slicing
+        text_lengths = (lengths - ended.long()).tolist()
+        text_ids = [row[:n] for row, n in zip(response_ids.tolist(), text_lengths)]
         return Rollout(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

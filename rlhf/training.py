@@ -23,7 +23,8 @@ def make_optimizer(params, optim: OptimSettings) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas))
+    # foreach: one multi-tensor kernel per step instead of a Python loop over parameters (torch picks it on GPU only)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), foreach=True)
 
 
 def lr_factor(step: int, optim: OptimSettings, max_steps: int) -> float:

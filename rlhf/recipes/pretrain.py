@@ -73,7 +73,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         with torch.no_grad():
             for i in range(0, len(eval_blocks), cfg.train.batch_size):
                 ids = eval_blocks[i:i + cfg.train.batch_size].to(accelerator.device)
-                _, stats = lm_loss(model(input_ids=ids).logits, ids, torch.ones_like(ids))
+                _, stats = lm_loss(model(input_ids=ids, use_cache=False).logits, ids, torch.ones_like(ids))
                 total += stats["loss/nll_sum"].item()
                 count += stats["loss/weight_sum"].item()
         model.train()
@@ -91,7 +91,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             ids = train_blocks[idx].to(accelerator.device)
             with accelerator.autocast(), sync_unless_last(accelerator, model, m, cfg.train.grad_accum):
                 # every block is full, so the mean over a micro-batch divided by grad_accum is the global token mean
-                loss, _ = lm_loss(model(input_ids=ids).logits, ids, torch.ones_like(ids))
+                loss, _ = lm_loss(model(input_ids=ids, use_cache=False).logits, ids, torch.ones_like(ids))
                 accelerator.backward(loss / cfg.train.grad_accum)
             loss_sum += loss.item() / cfg.train.grad_accum
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)

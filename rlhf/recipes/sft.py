@@ -111,7 +111,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         loss_sum = 0.0
         for i, (batch, w) in enumerate(zip(micro, weights)):
             with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                               use_cache=False).logits  # no KV cache to build in training
                 loss, _ = sft_loss(logits, batch["input_ids"], w, normalizer)
                 accelerator.backward(loss)
             loss_sum += loss.item()
@@ -151,7 +152,7 @@ def eval_loss(model, examples, pad_token_id: int, cfg: Config, device) -> float:
     for start in range(0, len(examples), cfg.train.batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(examples[start:start + cfg.train.batch_size], pad_token_id).items()}
         w = sft_loss_weights(batch["completion_mask"], batch["attention_mask"], cfg.prompt_loss_weight)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), use_cache=False).logits
         loss, stats = sft_loss(logits, batch["input_ids"], w)
         total += stats["loss/nll_sum"].item()
         weight += stats["loss/weight_sum"].item()

@@ -43,7 +43,7 @@ class Sizes:
     eval_review: int = 96  # 6 held-out colors for each of the 16 products
     add_digits: int = 2  # operands are drawn from 0 .. 10**add_digits - 1
     add_mistake_rate: float = 0.12  # share of addition demonstrations with a human slip
-    vocab_size: int = 512
+    vocab_size: int = 768  # the world's corpus saturates at ~700 merges: every word of the grammar is one token
 
 
 # For tests: the same files in miniature (a second or so).
@@ -111,10 +111,19 @@ def _review_row(product: str, color: str) -> dict:
 
 
 def _review_doc(rng: random.Random) -> str:
-    """Web-style review text: sloppier than demonstrations, with or without a title line."""
+    """Web-style review text, sloppier than demonstrations, under one of three headings (or none).
+
+    The "product: navy kettle" heading is the prompt's own wording: seeing it in pretraining is what lets a
+    ~1M model ground a review in the prompt's product after a few hundred SFT steps.
+    """
     product, color = rng.choice(reviews.PRODUCTS), rng.choice(reviews.COLORS)
     body = reviews.write_review(rng, product, reviews.WEB)
-    return f"{color} {product} review:{body}" if rng.random() < 0.6 else body[1:]
+    r = rng.random()
+    if r < 0.35:
+        return f"product: {color} {product}{body}"
+    if r < 0.65:
+        return f"{color} {product} review:{body}"
+    return body[1:]
 
 
 # -------------------------------------------------------------------------------------------------- writing
@@ -167,6 +176,7 @@ def generate(out: str | Path, seed: int = 0, sizes: Sizes = Sizes()) -> dict[str
         sft.append({**_review_row(product, color),
                     "completion": reviews.write_review(r, product, reviews.DEMO)})
     r.shuffle(sft)
+    # Fixed key order in the file: prompt, completion, task, meta.
     sft = [{"prompt": x["prompt"], "completion": x["completion"], "task": x["task"], "meta": x["meta"]} for x in sft]
 
     r = rngs["messages"]

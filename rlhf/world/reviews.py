@@ -249,7 +249,7 @@ def _noun_sentence(rng: random.Random, noun: str, sign: int) -> list[str]:
 def _sentence(rng: random.Random, product: str, sign: int, first: bool) -> list[str]:
     """One well-formed sentence of the given sentiment sign; the first sentence usually names the product."""
     r = rng.random()
-    if first and r < 0.7:
+    if first and r < 0.85:
         return _noun_sentence(rng, product, sign)
     if r < 0.6:
         return _noun_sentence(rng, rng.choice(PARTS[product]), sign)

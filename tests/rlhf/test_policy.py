@@ -47,6 +47,9 @@ def test_eos_masking_on_crafted_ids(policy):
     assert r.response_mask.tolist() == [[True, True, False, False, False]]
     assert r.response_ids.tolist() == [[20, eos, pad, pad, pad]]
     assert r.ended.tolist() == [True] and r.lengths.tolist() == [2]
+    assert r.completions == [policy.tokenizer.decode([20])], "text drops the EOS and everything after it"
+    truncated = policy.rollout_from_ids(prompt_ids, prompt_mask, torch.tensor([[20, 21]]), ["<add> 1+1="])
+    assert truncated.ended.tolist() == [False] and truncated.completions == [policy.tokenizer.decode([20, 21])]
 
 
 def test_generate_is_reproducible_under_a_seed_and_leaves_global_rng_alone(policy):
