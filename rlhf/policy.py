@@ -125,8 +125,12 @@ class PolicyModel:
         add_tokens: Sequence[str] = (),
         with_reference: bool = False,
         seed: int = 0,
+        device: str | torch.device | None = None,
     ) -> "PolicyModel":
-        """Build the policy a config describes. `with_reference` keeps a frozen copy (free under LoRA)."""
+        """Build the policy a config describes. `with_reference` keeps a frozen copy (free under LoRA).
+
+        `device` defaults to accelerate's device for this process (the local GPU under `accelerate launch`).
+        """
         if settings.path and not settings.scratch_size and _looks_local(settings.path) and not Path(settings.path).expanduser().exists():
             raise UserError(f"model path not found: {settings.path}")
         tok_name = settings.tokenizer or settings.path
@@ -164,7 +168,11 @@ class PolicyModel:
             else:
                 nn.init.zeros_(value_head.weight)  # V = b at start: no random noise in early advantages
                 nn.init.zeros_(value_head.bias)
-        return cls(model, tokenizer, ref_model=ref_model, value_head=value_head)
+        if device is None:
+            from accelerate import PartialState
+
+            device = PartialState().device
+        return cls(model, tokenizer, ref_model=ref_model, value_head=value_head).to(device)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "PolicyModel":
