@@ -20,12 +20,13 @@ from rlhf.config import (
     set_dotted, validate,
 )
 from rlhf.errors import UserError
+from rlhf.collect import stage as collect
 from rlhf.recipes import evaluate, pretrain, sft
 from rlhf.tracking import Tracker
 from rlhf.training import latest_checkpoint, remove_checkpoints
 
 # stage kind -> recipe module (exposes `Config` and `run(cfg, ctx)`)
-STAGES: dict[str, ModuleType] = {"pretrain": pretrain, "sft": sft, "eval": evaluate}
+STAGES: dict[str, ModuleType] = {"pretrain": pretrain, "sft": sft, "eval": evaluate, "collect": collect}
 
 
 def recipe(kind: str) -> ModuleType:
