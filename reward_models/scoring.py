@@ -1,0 +1,123 @@
+"""The one scoring interface: PPO, GRPO, compare and eval hand it prompts, completions and metadata and get a score
+tensor back.
+
+A reward is a weighted sum of components, each a learned reward model or a rule:
+
+    rewards:
+      - {name: rm, model: runs/demo/reward, weight: 1.0}                 # learned, normalized with its stored stats
+      - {name: format, rule: format, params: {pattern: "answer \\d+"}, weight: 0.2}
+      - {name: eos, rule: missing_eos, weight: 0.5}
+
+    total_i = Σ_k weight_k · component_k(prompt_i, completion_i, metadata_i)
+
+Reward models run in eval mode without grad, batched in length order; each component's mean is reported as
+`reward/<name>` for the caller to log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from pydantic import Field, model_validator
+
+from rlhf.config import Section
+from rlhf.errors import UserError
+from reward_models.model import RewardModel
+from reward_models.rules import apply_rule, resolve_rule
+
+
+class RewardComponent(Section):
+    """One term of the reward: a trained reward model (`model`) or a rule (`rule`), times `weight`."""
+
+    name: str = Field(..., description="label of this term; logged as reward/<name>")
+    weight: float = Field(1.0, description="multiplier of this term in the total reward")
+    model: str | None = Field(None, description="trained reward model directory (the reward stage's output)")
+    rule: str | None = Field(
+        None, description="built-in rule (verifiable, exact_match, format, length_penalty, repetition_penalty, "
+        "missing_eos) or a function as package.module:function"
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the rule")
+    normalize: bool = Field(True, description="model only: (r − mean) / std with the stats stored at training")
+    batch_size: int = Field(64, ge=1, description="model only: sequences per forward pass")
+    dtype: str = Field("float32", description="model only: weights dtype (float32 | bfloat16)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardComponent":
+        if (self.model is None) == (self.rule is None):
+            raise ValueError(f"reward '{self.name}' needs exactly one of 'model' or 'rule'")
+        return self
+
+
+@dataclass
+class Scores:
+    """The result of scoring B completions."""
+
+    total: torch.Tensor  # (B,) float32: Σ weight · component
+    components: dict[str, torch.Tensor]  # name -> (B,) float32, before weighting
+
+    def metrics(self) -> dict[str, float]:
+        """`reward/<name>`: each component's batch mean (unweighted), for the tracker."""
+        return {f"reward/{name}": values.mean().item() for name, values in self.components.items()}
+
+
+class Scorer:
+    """Loads the components once; `score` is then called every rollout.
+
+    Args:
+        components: what to sum (see `RewardComponent`).
+        device: where reward models run (default CPU); scores come back on `device` too.
+    """
+
+    def __init__(self, components: Sequence[RewardComponent], device: torch.device | str | None = None):
+        if not components:
+            raise UserError("no reward components configured (config key 'rewards' is empty)")
+        names = [c.name for c in components]
+        if len(set(names)) != len(names):
+            raise UserError(f"reward component names must be unique, got {names}")
+        self.components = list(components)
+        self.device = torch.device(device or "cpu")
+        self.models: dict[str, RewardModel] = {}
+        self.rules = {}
+        for c in self.components:
+            if c.model is not None:
+                rm = RewardModel.load(c.model, dtype=c.dtype).to(self.device).eval().requires_grad_(False)
+                if c.normalize and rm.stats is None:
+                    raise UserError(f"reward '{c.name}': {c.model} has no stored score statistics; set normalize: false")
+                self.models[c.name] = rm
+            else:
+                self.rules[c.name] = resolve_rule(c.rule)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None,
+              ended: Sequence[bool] | torch.Tensor | None = None) -> Scores:
+        """Score B completions. `metadata[i]` is row i's prompt record (task, meta...); `ended[i]` says whether the
+        completion stopped with EOS (rules see it as `metadata[i]["ended"]`). Returns `Scores` with (B,) tensors."""
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts but {n} completions")
+        metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in range(n)]
+        if len(metadata) != n:
+            raise ValueError(f"{len(metadata)} metadata records but {n} completions")
+        if ended is not None:
+            for m, e in zip(metadata, ended.tolist() if isinstance(ended, torch.Tensor) else ended):
+                m["ended"] = bool(e)
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros(n, dtype=torch.float32)
+        for c in self.components:
+            if c.name in self.models:
+                rm = self.models[c.name]
+                values = rm.score(prompts, completions, batch_size=c.batch_size)
+                values = rm.normalize(values) if c.normalize else values
+            else:
+                values = torch.tensor(apply_rule(c.name, self.rules[c.name], prompts, completions, metadata, c.params),
+                                      dtype=torch.float32)
+            parts[c.name] = values
+            total += c.weight * values
+        return Scores(total.to(self.device), {k: v.to(self.device) for k, v in parts.items()})
+
+    def score_rollout(self, rollout, records: Sequence[dict] | None = None) -> Scores:
+        """Score a `rlhf.types.Rollout`. `records` are the input prompt records (one per prompt, as passed to
+        `generate`); row i gets `records[rollout.prompt_index[i]]`, plus whether it ended with EOS."""
+        metadata = [records[i] for i in rollout.prompt_index.tolist()] if records is not None else None
+        return self.score(rollout.prompts, rollout.completions, metadata, ended=rollout.ended)

@@ -1,0 +1,295 @@
+"""`rlhf reward`: train a Bradley-Terry reward model on preference pairs.
+
+    L = L_BT + center_coef · mean((r_c + r_r)²) + λ · L_LM(chosen)
+
+L_BT is the Bradley-Terry loss with optional per-pair margins and ties (`reward_models.losses`); the centering term
+keeps scores near 0; L_LM (decoder backbones only) is the next-token loss on the chosen sequence, GPT-1's
+L_total = L_2 + λ·L_1 auxiliary objective (Radford et al. 2018, eq. 3).
+
+Steps: 1 accelerator and seed → 2 reward model → 3 preference pairs (loaded, or sampled from the SFT policy and
+labelled by simulated annotators) → 4 held-out split and tokenization → 5 optimizer → 6 resume → 7 train loop
+(log / eval / checkpoint) → 8 held-out evaluation (accuracy, margin, ECE, histogram, noise ceiling) → 9 score
+statistics on SFT-policy samples → 10 save.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
+from rlhf.data import Record, load_prompts
+from rlhf.errors import UserError
+from rlhf.losses import lm_loss
+from rlhf.stage import StageContext
+from rlhf.tracking import progress
+from rlhf.training import (
+    StepTimer, latest_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler,
+    micro_batch_indices, optimizer_step, peak_rss_gb, progress_axes, save_checkpoint, sync_unless_last,
+)
+from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
+from reward_models.evaluation import evaluate_pairs, plot_score_histogram
+from reward_models.losses import bradley_terry_loss
+from reward_models.model import RewardModel
+from reward_models.pairs import PairSampling, noise_ceiling, sample_pairs, write_jsonl
+
+PAIRS_FILE = "preferences.jsonl"  # sampled pairs, written into the stage directory (TRL format)
+SAMPLES_FILE = "policy_samples.jsonl"  # the SFT samples the score statistics are measured on
+HISTOGRAM_FILE = "eval_scores.png"
+
+
+class RewardModelSettings(Section):
+    """The backbone the reward head sits on."""
+
+    path: str | None = Field(
+        None, description="causal LM (e.g. the SFT output) or encoder directory / hub id; pkg:<package>/<dir> "
+        "names a directory inside an installed python package"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer directory or hub id; defaults to `path`")
+    backbone: Literal["auto", "decoder", "encoder"] = Field(
+        "auto", description="decoder: score at the last token; encoder: score on [CLS]; auto: from the model type"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters (merged on save) instead of all weights")
+    max_length: int = Field(128, ge=4, description="tokens per scored sequence; longer ones are truncated")
+
+
+class PreferenceData(Section):
+    """Where the pairs come from."""
+
+    train: str | None = Field(None, description="preference pairs (JSONL, parquet, saved dataset dir or hub id); "
+                              "null = sample them with `sample`")
+    eval: str | None = Field(None, description="held-out pairs; null = hold out eval_fraction of train")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of prompts whose pairs are held out "
+                                 "when eval is null (split by prompt, so no response is in both sets)")
+    group_by_prompt: bool = Field(False, description="batch whole prompts: train.batch_size counts prompts, each "
+                                  "response is scored once for all its comparisons (InstructGPT K-wise)")
+    sample: PairSampling | None = Field(None, description="demo world: sample pairs from a policy and label them "
+                                        "with simulated annotators")
+
+
+class LossSettings(Section):
+    """Terms of the training loss."""
+
+    center_coef: float = Field(0.0, ge=0.0, description="weight of the reward-centering term mean((r_c + r_r)²)")
+    lm_coef: float = Field(0.0, ge=0.0, description="λ: auxiliary next-token loss on the chosen sequence (decoders)")
+    use_margin: bool = Field(True, description="use the pairs' `margin` field (false = train as if every margin is 0)")
+
+
+class StatsSettings(Section):
+    """The score mean / std stored with the model, which PPO / GRPO normalize rewards with."""
+
+    policy: str | None = Field(None, description="policy to sample for the statistics; null = the sampled pairs' "
+                               "responses (data.sample) or else the training pairs' responses")
+    prompts: str = Field("data/demo/rl_prompts.jsonl", description="prompts for `policy`")
+    num_samples: int = Field(512, ge=2, description="responses the statistics are measured on")
+    max_new_tokens: int = Field(48, ge=1, description="response budget when sampling `policy`")
+
+
+class EvalSettings(Section):
+    """Held-out evaluation."""
+
+    batch_size: int = Field(64, ge=1, description="sequences per scoring forward pass")
+    ece_bins: int = Field(10, ge=1, description="confidence bins of the expected calibration error")
+    hist_bins: int = Field(40, ge=2, description="bins of the score histogram (eval_scores.png)")
+
+
+class Config(StageConfig):
+    """`rlhf reward`: train a Bradley-Terry reward model."""
+
+    model: RewardModelSettings = Field(default_factory=RewardModelSettings, description="the reward model backbone")
+    data: PreferenceData = Field(default_factory=PreferenceData, description="preference pairs")
+    loss: LossSettings = Field(default_factory=LossSettings, description="loss terms")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="loop length, batch (in pairs) and cadence")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="AdamW and lr schedule")
+    stats: StatsSettings = Field(default_factory=StatsSettings, description="score statistics for normalization")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="held-out evaluation")
+
+
+def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
+    started = time.monotonic()
+    # 1. accelerator and seed ---------------------------------------------------------------------------------
+    accelerator = make_accelerator(cfg.train, cfg.seed)
+
+    # 2. reward model: a new score head on the backbone (+ the LM head when the auxiliary LM loss is on) -------
+    if cfg.model.path is None:
+        raise UserError("config key 'model.path' is required (the backbone: e.g. the SFT stage's output directory)")
+    rm = RewardModel.from_backbone(
+        cfg.model.path, tokenizer=cfg.model.tokenizer, backbone=cfg.model.backbone, dtype=cfg.model.dtype,
+        lora=cfg.model.lora, with_lm_head=cfg.loss.lm_coef > 0, max_length=cfg.model.max_length,
+    )
+    tokenizer = rm.tokenizer
+    n_trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
+    print(f"{ctx.name}: {rm.backbone} reward model, {n_trainable / 1e6:.2f}M trainable parameters")
+
+    # 3. preference pairs: sampled from the policy and labelled (demo), or read from a file --------------------
+    samples: tuple[list[str], list[str]] | None = None
+    train_source = cfg.data.train
+    if train_source is None:
+        if cfg.data.sample is None:
+            raise UserError("set data.train (a preference file) or data.sample (sample pairs from a policy)")
+        samples = _sampled_pairs(cfg.data.sample, ctx, cfg.seed, accelerator)
+        train_source = str(ctx.dir / PAIRS_FILE)
+    pairs = load_preferences(train_source, tokenizer)
+    if cfg.data.eval is not None:
+        eval_pairs = load_preferences(cfg.data.eval, tokenizer)
+    else:  # hold out whole prompts: pairs of one prompt may share responses
+        groups = group_by_prompt(pairs)
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = max(1, int(len(groups) * cfg.data.eval_fraction))
+        held_out = {i for g in order[:n_eval] for i in groups[g]}
+        eval_pairs = [p for i, p in enumerate(pairs) if i in held_out]
+        pairs = [p for i, p in enumerate(pairs) if i not in held_out]
+    if not cfg.loss.use_margin:
+        for p in pairs:
+            p.margin = 0.0
+
+    # 4. tokenization: chosen and rejected of a micro-batch go through the model as one (2B, L) batch -----------
+    train_set = tokenize_pairs(pairs, tokenizer, rm.backbone, cfg.model.max_length)
+    # the unit of a batch: one pair, or every pair of one prompt
+    units = group_by_prompt(pairs) if cfg.data.group_by_prompt else [[i] for i in range(len(pairs))]
+    print(f"{ctx.name}: {len(train_set)} training pairs ({len(units)} batch units), {len(eval_pairs)} held out, "
+          f"{sum(p.tie for p in pairs)} ties in training")
+
+    # 5. optimizer and schedule, prepared by accelerate ------------------------------------------------------------
+    optimizer = make_optimizer(rm.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)
+
+    # 6. resume: weights, optimizer, scheduler and RNG; the data order is a function of the step --------------------
+    counters = {"samples": 0, "tokens": 0, "seconds": 0.0}
+    start = 0
+    if ctx.resume and (ckpt := latest_checkpoint(ctx.dir)) is not None:
+        counters = load_checkpoint(accelerator, ckpt)
+        start = counters.pop("step")
+        print(f"resuming {ctx.name} from {ckpt.name}")
+    timer = StepTimer(counters["seconds"])
+
+    def batch_for(micro_index: int) -> dict[str, torch.Tensor]:
+        idx = micro_batch_indices(len(units), cfg.train.batch_size, micro_index, cfg.seed,
+                                  accelerator.process_index, accelerator.num_processes)
+        batch = collate_pairs([train_set[i] for u in idx for i in units[u]], tokenizer.pad_token_id)
+        return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+    def evaluate(final: bool = False) -> dict[str, float]:
+        metrics, chosen, rejected = evaluate_pairs(accelerator.unwrap_model(model), eval_pairs,
+                                                   cfg.eval.batch_size, cfg.eval.ece_bins)
+        ceiling = noise_ceiling(eval_pairs)
+        if ceiling is not None:
+            # the gold scorer's own accuracy on the noisy labels: the best a reward model can expect
+            metrics["eval/noise_ceiling"] = ceiling
+            metrics["eval/accuracy_vs_ceiling"] = metrics["eval/accuracy"] / ceiling
+        if final and accelerator.is_main_process:
+            plot_score_histogram(chosen, rejected, ctx.dir / HISTOGRAM_FILE, cfg.eval.hist_bins)
+        return metrics
+
+    # 7. train loop ---------------------------------------------------------------------------------------------
+    model.train()
+    metrics: dict[str, float] = {}
+    for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
+        micro = [batch_for(step * cfg.train.grad_accum + m) for m in range(cfg.train.grad_accum)]
+        # global denominators (all micro-batches and processes): pairs for the BT loss, chosen tokens for the LM
+        # loss, so accumulation equals one big batch even when micro-batches hold different numbers of pairs
+        n_pairs = accelerator.reduce(sum(torch.tensor(float(len(b["label"]))) for b in micro), "sum")
+        lm_tokens = sum(b["attention_mask"][: int(b["lm_rows"])].sum() for b in micro)
+        lm_normalizer = accelerator.reduce(lm_tokens, "sum") / accelerator.num_processes
+        pair_normalizer = (n_pairs / accelerator.num_processes).item()
+        totals: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            share = len(batch["label"]) / pair_normalizer  # this micro-batch's part of the mean over pairs
+            with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                out = model(**inputs, lm_rows=int(batch["lm_rows"]) if cfg.loss.lm_coef > 0 else 0)
+                scores = out[0] if isinstance(out, tuple) else out
+                loss, stats = bradley_terry_loss(scores[batch["chosen_index"]], scores[batch["rejected_index"]],
+                                                 batch["margin"], batch["label"], cfg.loss.center_coef)
+                loss = loss * share
+                if cfg.loss.lm_coef > 0:
+                    lm, _ = lm_loss(out[1], out[2], out[3], lm_normalizer)
+                    stats["loss/lm"] = lm.detach() / share  # logged as the full-batch LM loss
+                    loss = loss + cfg.loss.lm_coef * lm
+                accelerator.backward(loss)
+            for key, value in {"loss/total": loss.detach() / share, **stats}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * share
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
+
+        tokens = int(sum(b["attention_mask"].sum() for b in micro)) * accelerator.num_processes
+        counters["samples"] += sum(len(b["label"]) for b in micro) * accelerator.num_processes
+        counters["tokens"] += tokens
+        done = step + 1
+        lap = timer.lap()
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            ctx.tracker.log({
+                **totals, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                "perf/step_seconds": lap, "perf/tokens_per_s": tokens / max(lap, 1e-9),
+                "perf/pairs_per_s": sum(len(b["label"]) for b in micro) / max(lap, 1e-9),
+                "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
+            }, step=done)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+            ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.max_steps:
+            save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
+        metrics["loss/total"] = totals["loss/total"]
+
+    # 8. held-out evaluation, with the score histogram -----------------------------------------------------------------
+    rm = accelerator.unwrap_model(model)
+    metrics.update(evaluate(final=True))
+
+    # 9. score statistics on samples of the SFT policy (PPO / GRPO normalize rewards with them) -------------------
+    stat_prompts, stat_completions, source = _stats_samples(cfg, pairs, samples, ctx)
+    stats = rm.set_stats(rm.score(stat_prompts, stat_completions, cfg.eval.batch_size), source)
+    metrics.update({"eval/sft_score_mean": stats["mean"], "eval/sft_score_std": stats["std"]})
+    metrics["perf/stage_seconds"] = time.monotonic() - started
+    ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
+
+    # 10. the reward model in Hugging Face format (AutoModelForSequenceClassification, num_labels=1) -------------
+    if accelerator.is_main_process:
+        rm.save(ctx.dir)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _sampled_pairs(settings: PairSampling, ctx: StageContext, seed: int, accelerator) -> tuple[list[str], list[str]]:
+    """Sample and label the demo pairs into the stage directory (once, on the main process; reused on resume).
+    Returns the SFT samples (prompts, completions) the pairs were drawn from."""
+    pairs_path, samples_path = ctx.dir / PAIRS_FILE, ctx.dir / SAMPLES_FILE
+    if accelerator.is_main_process and not (pairs_path.is_file() and samples_path.is_file()):
+        from rlhf.policy import PolicyModel
+
+        if settings.policy is None:
+            raise UserError("config key 'data.sample.policy' is required to sample pairs (the SFT stage output)")
+        policy = PolicyModel.from_pretrained(settings.policy).to(accelerator.device)
+        rows, prompts, completions = sample_pairs(policy, load_prompts(settings.prompts), settings, seed)
+        write_jsonl(rows, pairs_path)
+        write_jsonl([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], samples_path)
+        del policy
+    accelerator.wait_for_everyone()
+    rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line]
+    return [r["prompt"] for r in rows], [r["completion"] for r in rows]
+
+
+def _stats_samples(cfg: Config, pairs, samples, ctx: StageContext) -> tuple[list[str], list[str], str]:
+    """(prompts, completions, description) to measure the score statistics on: a policy's fresh samples, the SFT
+    samples the pairs were drawn from, or else the responses of the training pairs."""
+    n = cfg.stats.num_samples
+    if cfg.stats.policy is not None:
+        from rlhf.policy import PolicyModel
+
+        policy = PolicyModel.from_pretrained(cfg.stats.policy)
+        records: list[Record] = load_prompts(cfg.stats.prompts)
+        prompts = [records[i % len(records)]["prompt"] for i in range(n)]
+        completions = []
+        for start in range(0, n, cfg.eval.batch_size):
+            rollout = policy.generate(prompts[start:start + cfg.eval.batch_size],
+                                      max_new_tokens=cfg.stats.max_new_tokens, seed=cfg.seed + start)
+            completions += rollout.completions
+        return prompts, completions, f"samples of {cfg.stats.policy}"
+    if samples is not None:
+        return samples[0][:n], samples[1][:n], f"samples of {cfg.data.sample.policy}"
+    prompts = [p.prompt for p in pairs for _ in range(2)][:n]
+    completions = [c for p in pairs for c in (p.chosen, p.rejected)][:n]
+    return prompts, completions, "responses of the training pairs"
