@@ -12,7 +12,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -91,9 +91,15 @@ class StageConfig(Section):
     output_dir: str = Field("runs/stage", description="where the stage writes its artifacts")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="experiment tracking")
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the stage's result (tracking and output location do not)."""
+    def fingerprint(self, wired: Iterable[str] = ()) -> str:
+        """Hash of everything that changes the stage's result (tracking and output location do not).
+
+        `wired` keys hold an earlier stage's directory: the path is left out (a pipeline moved to another
+        output_dir is the same pipeline) and that stage's own fingerprint is hashed in by the runner instead.
+        """
         payload = self.model_dump(mode="json", exclude={"tracking", "output_dir"})
+        for key in wired:
+            set_dotted(payload, key, "<input>")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -116,7 +116,7 @@ def _claim_on_main(out: Path, **kwargs) -> str:
 
 def _combined_fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
     """The config's own hash plus its inputs' hashes: a retrained upstream stage invalidates this one."""
-    parts = [cfg.fingerprint()] + [f"{k}={v}" for k, v in sorted(inputs.items())]
+    parts = [cfg.fingerprint(wired=inputs)] + [f"{k}={v}" for k, v in sorted(inputs.items())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,8 @@
 """Where pairs come from, and the background thread that keeps enough of them ready.
 
 A *pair source* is anything with `next_batch() -> list[NewPair]` (an empty list = exhausted):
-- `PolicyPairSource` samples one checkpoint twice per prompt, or two checkpoints once each (a head-to-head);
+- `PolicyPairSource` samples one checkpoint K times per prompt (every pair of the K samples is served), or two
+  checkpoints once each (a head-to-head);
 - `FilePairSource` serves a jsonl of ready pairs (tests, or pairs generated elsewhere).
 `PairFeeder` asks its source for more whenever fewer than `ready_ahead` pairs have open judgment slots, marks gold
 items and scores reward-model uncertainty on the way in, so annotators never wait on a model call.
@@ -9,6 +10,7 @@ items and scores reward-model uncertainty on the way in, so annotators never wai
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -85,20 +87,24 @@ def read_gold_file(path: str | Path, seed: int = 0) -> list[NewPair]:
 class PolicyPairSource:
     """Two responses per prompt from policy checkpoints, cycling over the prompt set with a new seed each round.
 
-    `policies` maps a display name (the checkpoint path) to a loaded `PolicyModel`; one entry = two samples of it,
-    two entries = one sample from each. Pairs with identical responses carry no preference, and blank responses
+    `policies` maps a display name (the checkpoint path) to a loaded `PolicyModel`; one entry = `samples_per_prompt`
+    (K) samples of it and a pair for every two distinct ones (K-wise comparisons), two entries = one sample from each. Pairs with identical responses carry no preference, and blank responses
     (an immediate EOS) give nothing to read; both are skipped.
     """
 
-    def __init__(self, policies: dict, prompts: list, generation: GenerationSettings, seed: int = 0):
+    def __init__(self, policies: dict, prompts: list, generation: GenerationSettings, seed: int = 0,
+                 samples_per_prompt: int = 2):
         if not 1 <= len(policies) <= 2:
             raise ValueError("PolicyPairSource takes one or two policies")
+        if samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be at least 2")
         if not prompts:
             raise UserError("the prompt set is empty")
         self.policies = policies
         self.prompts = prompts
         self.generation = generation
         self.seed = seed
+        self.samples_per_prompt = samples_per_prompt
         self._cursor = 0
         self._calls = 0
 
@@ -110,17 +116,19 @@ class PolicyPairSource:
         self._calls += 1
         names = list(self.policies)
         if len(names) == 1:
-            out = self._sample(names[0], texts, n=2)
-            responses = [(out[2 * i], out[2 * i + 1]) for i in range(len(records))]
+            n = self.samples_per_prompt
+            out = self._sample(names[0], texts, n=n)
+            responses = [_all_pairs(out[n * i : n * (i + 1)]) for i in range(len(records))]
             sources = (names[0], names[0])
         else:
             first, second = self._sample(names[0], texts, n=1), self._sample(names[1], texts, n=1)
-            responses = list(zip(first, second))
+            responses = [[ab] for ab in zip(first, second)]
             sources = (names[0], names[1])
         return [
             NewPair(prompt=rec["prompt"], response_a=a, response_b=b, source_a=sources[0], source_b=sources[1],
                     task=rec.get("task"), meta=rec.get("meta"))
-            for rec, (a, b) in zip(records, responses)
+            for rec, prompt_pairs in zip(records, responses)
+            for a, b in prompt_pairs
             if a != b and a.strip() and b.strip()
         ]
 
@@ -140,6 +148,12 @@ class PolicyPairSource:
             seed=self.seed * 1_000_003 + self._calls,
         )
         return rollout.completions
+
+
+def _all_pairs(responses: list[str]) -> list[tuple[str, str]]:
+    """Every pair of the distinct responses, in sample order: ["x", "y", "x", "z"] -> (x, y), (x, z), (y, z)."""
+    distinct = list(dict.fromkeys(responses))
+    return list(itertools.combinations(distinct, 2))
 
 
 def uncertainty(score_a: float, score_b: float) -> float:
@@ -271,9 +285,15 @@ def build_source(cfg: CollectConfig) -> PairSource:
     for path in cfg.pairs.checkpoints():
         if not Path(path).exists():
             raise UserError(f"policy checkpoint not found: {path} (train one first: `rlhf run configs/demo/pipeline.yaml`)")
-    prompts = load_prompts(cfg.pairs.prompts, limit=cfg.pairs.max_prompts)
+    prompts = load_prompts(cfg.pairs.prompts)
+    if cfg.pairs.task is not None:
+        prompts = [r for r in prompts if r.get("task") == cfg.pairs.task]
+        if not prompts:
+            raise UserError(f"{cfg.pairs.prompts}: no prompt has task {cfg.pairs.task!r} (pairs.task)")
+    prompts = prompts[: cfg.pairs.max_prompts]
     policies = {path: PolicyModel.from_pretrained(path) for path in cfg.pairs.checkpoints()}
-    return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=cfg.seed)
+    return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=cfg.seed,
+                            samples_per_prompt=cfg.pairs.samples_per_prompt)
 
 
 def build_feeder(cfg: CollectConfig, store: Store, source: PairSource | None = None) -> PairFeeder:

@@ -39,7 +39,12 @@ class PairSettings(Section):
         None, description="second checkpoint: each pair is then one sample of `policy` against one of this"
     )
     prompts: str | None = Field(None, description="prompt set (jsonl/parquet/dataset dir) with a `prompt` field")
-    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
+    task: str | None = Field(None, description="use only prompt records whose `task` field is this; null = all")
+    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts (after the task filter)")
+    samples_per_prompt: int = Field(
+        2, ge=2, description="one policy: K responses per prompt and every pair of distinct ones is served "
+        "(InstructGPT's K-wise comparisons: C(K, 2) pairs, each response in K - 1 of them); 2 = one pair"
+    )
     file: str | None = Field(
         None, description="jsonl of ready pairs (prompt, response_a, response_b[, source_a, source_b, task, meta])"
     )
@@ -54,6 +59,8 @@ class PairSettings(Section):
             raise ValueError("pairs.policy needs pairs.prompts")
         if self.opponent and not self.policy:
             raise ValueError("pairs.opponent needs pairs.policy")
+        if self.opponent and self.samples_per_prompt != 2:
+            raise ValueError("pairs.samples_per_prompt applies to one policy; a head-to-head samples one each")
         return self
 
     def checkpoints(self) -> list[str]:

@@ -8,6 +8,7 @@ shown (left, right) order, so the position bias the admin page reports is measur
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sys
 import threading
@@ -78,6 +79,7 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
     left for anyone, or `settings.timeout_s` passes."""
     from rlhf.world import SimulatedAnnotator
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the stage's log
     result = SimulationResult()
     budget = _Budget(remaining)
     deadline = time.monotonic() + settings.timeout_s

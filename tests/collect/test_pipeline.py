@@ -166,3 +166,55 @@ def test_generation_settings_reach_the_policy(tmp_path):
     batch = source.next_batch()
     assert calls == [(2, 2, 7, 0.7)]
     assert [(p.response_a, p.response_b) for p in batch] == [("r0", "r1"), ("r2", "r3")]
+
+
+class _ScriptedPolicy:
+    """Returns `completions` for every generate call (the n samples of each prompt back to back)."""
+
+    tokenizer = None
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def generate(self, prompts, n, max_new_tokens, temperature, top_p, seed):
+        completions = self.completions
+
+        class Out:
+            pass
+
+        out = Out()
+        out.completions = completions[: len(prompts) * n]
+        return out
+
+
+def test_k_samples_per_prompt_give_every_pair_of_distinct_responses():
+    prompts = [{"prompt": "p0", "task": "review", "meta": {}}, {"prompt": "p1", "task": "review", "meta": {}}]
+    # p0: x, y, x (a duplicate), z -> 3 distinct responses, 3 pairs; p1: u, " " (blank), v, w -> pairs without " "
+    policy = _ScriptedPolicy(["x", "y", "x", "z", "u", " ", "v", "w"])
+    source = PolicyPairSource({"ckpt": policy}, prompts, GenerationSettings(prompts_per_batch=2), samples_per_prompt=4)
+    batch = source.next_batch()
+    assert [(p.prompt, p.response_a, p.response_b) for p in batch] == [
+        ("p0", "x", "y"), ("p0", "x", "z"), ("p0", "y", "z"),
+        ("p1", "u", "v"), ("p1", "u", "w"), ("p1", "v", "w"),
+    ]
+    assert all(p.task == "review" for p in batch)
+    with pytest.raises(ValueError):
+        PolicyPairSource({"ckpt": policy}, prompts, GenerationSettings(), samples_per_prompt=1)
+
+
+def test_task_filter_and_samples_per_prompt_settings(tmp_path, checkpoints):
+    rows = [{"prompt": f"add {i}", "task": "add", "meta": {}} for i in range(3)]
+    rows += [{"prompt": f"review {i}", "task": "review", "meta": {}} for i in range(3)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config(tmp_path, pairs={"policy": checkpoints[0], "prompts": str(prompts), "task": "review",
+                                       "max_prompts": 2, "samples_per_prompt": 3})
+    source = build_source(cfg)
+    assert [r["prompt"] for r in source.prompts] == ["review 0", "review 1"]  # filtered first, then the first N
+    assert source.samples_per_prompt == 3
+
+    with pytest.raises(UserError, match="no prompt has task"):
+        build_source(make_config(tmp_path, pairs={"policy": checkpoints[0], "prompts": str(prompts), "task": "chat"}))
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        make_config(tmp_path, pairs={"policy": checkpoints[0], "opponent": checkpoints[1], "prompts": str(prompts),
+                                     "samples_per_prompt": 4})

@@ -64,6 +64,13 @@ def test_pipeline_runs_skips_and_reruns_what_changed(world, capsys):
     assert [r["status"] for r in second.values()] == ["skipped"] * 3
     assert "unchanged config: skipped" in capsys.readouterr().out
 
+    # the same pipeline moved to another directory is the same pipeline: copied stages are recognised
+    import shutil
+
+    shutil.copytree(runs, runs.parent / "moved")
+    moved = run_pipeline(path, [f"output_dir={runs.parent / 'moved'}"])
+    assert [r["status"] for r in moved.values()] == ["skipped"] * 3
+
     changed = run_pipeline(path, ["sft.optim.lr=0.0005"])
     assert [r["status"] for r in changed.values()] == ["skipped", "ran", "ran"]
 
