@@ -28,8 +28,8 @@ from rlhf.losses import lm_loss
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    StepTimer, latest_checkpoint, load_checkpoint, make_accelerator, make_optimizer, make_scheduler,
-    micro_batch_indices, optimizer_step, peak_rss_gb, progress_axes, save_checkpoint, sync_unless_last,
+    is_due, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, peak_rss_gb,
+    progress_axes, resume_state, save_checkpoint, sync_unless_last,
 )
 from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
 from reward_models.evaluation import evaluate_pairs, plot_score_histogram
@@ -161,13 +161,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     model, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)
 
     # 6. resume: weights, optimizer, scheduler and RNG; the data order is a function of the step --------------------
-    counters = {"samples": 0, "tokens": 0, "seconds": 0.0}
-    start = 0
-    if ctx.resume and (ckpt := latest_checkpoint(ctx.dir)) is not None:
-        counters = load_checkpoint(accelerator, ckpt)
-        start = counters.pop("step")
-        print(f"resuming {ctx.name} from {ckpt.name}")
-    timer = StepTimer(counters["seconds"])
+    start, counters, timer = resume_state(accelerator, ctx)
 
     def batch_for(micro_index: int) -> dict[str, torch.Tensor]:
         idx = micro_batch_indices(len(units), cfg.train.batch_size, micro_index, cfg.seed,
@@ -229,9 +223,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 "perf/pairs_per_s": sum(len(b["label"]) for b in micro) / max(lap, 1e-9),
                 "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
             }, step=done)
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.max_steps:
+        if is_due(cfg.train.eval_every, done, cfg.train.max_steps):
             ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != cfg.train.max_steps:
+        if is_due(cfg.train.save_every, done, cfg.train.max_steps):
             save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
         metrics["loss/total"] = totals["loss/total"]
 
