@@ -139,6 +139,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         eval_pairs = load_preferences(cfg.data.eval, tokenizer)
     else:  # hold out whole prompts: pairs of one prompt may share responses
         groups = group_by_prompt(pairs)
+        if len(groups) < 2:
+            raise UserError(f"{train_source}: all pairs share one prompt, so none can be held out by prompt; "
+                            "pass held-out pairs as data.eval")
         order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_eval = max(1, int(len(groups) * cfg.data.eval_fraction))
         held_out = {i for g in order[:n_eval] for i in groups[g]}

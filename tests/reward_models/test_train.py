@@ -109,6 +109,14 @@ def test_missing_inputs_are_user_errors(decoder_dir, tmp_path, make_ctx):
         train.run(cfg, make_ctx(tmp_path / "rm2"))
 
 
+def test_pairs_of_a_single_prompt_cannot_be_split_by_prompt(decoder_dir, tmp_path, write_jsonl, make_ctx):
+    rows = [{"prompt": "<review> product: red kettle", "chosen": " the kettle is great .", "rejected": " bad ."}] * 4
+    data = write_jsonl(tmp_path / "one_prompt.jsonl", rows)
+    cfg = toy_config(decoder_dir, data, tmp_path / "rm")
+    with pytest.raises(UserError, match="share one prompt.*data.eval"):
+        train.run(cfg, make_ctx(tmp_path / "rm"))
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "reward").glob("*.yaml")), ids=lambda p: p.name)
 def test_configs_load_and_document_every_key(path):
     load_config(train.Config, path)
