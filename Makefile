@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test test-all data
+.PHONY: setup demo test test-all lint data
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -13,6 +13,9 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -m "not slow" -q
+
+lint: setup
+	$(PYTHON) -m ruff check .
 
 test-all: setup
 	$(PYTHON) -m pytest -q

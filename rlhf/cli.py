@@ -12,12 +12,8 @@ import sys
 
 from rlhf.errors import UserError
 
-STAGE_HELP = {
-    "pretrain": "next-token pre-training on a corpus",
-    "sft": "supervised fine-tuning on demonstrations",
-    "reward": "Bradley-Terry reward model on preference pairs (decoder or encoder backbone)",
-    "eval": "gold-scored evaluation of policies on held-out prompts",
-}
+# stages with their own command (`collect` is a command group of its own: serve, export, ...)
+CLI_STAGES = ("pretrain", "sft", "reward", "grpo", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value; <stage>.<key>=value reaches one stage")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
     run.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must be complete); with --from STAGE it reruns")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace another stage's or another kind's artifact found in a stage directory")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    for kind, help_text in STAGE_HELP.items():
-        stage = sub.add_parser(kind, help=help_text)
+    from rlhf.pipeline import stage_help
+
+    for kind in CLI_STAGES:
+        stage = sub.add_parser(kind, help=stage_help(kind))
         stage.add_argument("config", nargs="?", help="stage YAML (omit for the defaults)")
         stage.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
         stage.add_argument("--overwrite", action="store_true", help="replace another config's artifact in output_dir")
@@ -58,7 +58,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from rlhf.pipeline import run_pipeline
 
-        run_pipeline(args.pipeline, args.overrides, from_stage=args.from_stage, only=args.only, debug=args.debug)
+        run_pipeline(args.pipeline, args.overrides, from_stage=args.from_stage, only=args.only, overwrite=args.overwrite,
+                     debug=args.debug)
         return 0
     if args.command == "collect":
         from rlhf.collect.cli import main as collect

@@ -6,32 +6,51 @@ the expected type (`UserError`, exit code 2). Paths inside configs are relative 
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
 import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlhf.errors import UserError
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, no number is NaN or
+    infinite, and a boolean is never taken as a number (`train.max_steps: true` is not 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info) -> Any:
+        if isinstance(value, bool) and _numeric_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """int / float (or either | None): a field where a YAML boolean can only be a mistake."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = [a for a in (typing.get_args(annotation) if is_union else (annotation,)) if a is not type(None)]
+    return bool(args) and all(a in (int, float) for a in args)
+
+
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class LoraSettings(Section):
     """LoRA adapters through peft; the frozen base weights double as the reference policy."""
 
-    r: int = Field(8, description="adapter rank")
-    alpha: int = Field(16, description="scaling numerator: the update is (alpha / r) * B @ A")
-    dropout: float = Field(0.0, description="dropout on the adapter input")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="scaling numerator: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
     target_modules: list[str] | str = Field("all-linear", description="module names to adapt, or 'all-linear'")
 
 
@@ -52,25 +71,60 @@ class ModelSettings(Section):
 class OptimSettings(Section):
     """AdamW with warmup and a decay schedule."""
 
-    lr: float = Field(1e-3, description="peak learning rate")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
-    warmup_steps: int = Field(0, description="linear warmup length in optimizer steps")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup length in optimizer steps")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
-    max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm; null = no clipping")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip the global gradient norm; null = no clipping")
 
 
-class TrainSettings(Section):
-    """The training loop shared by pretrain and sft."""
+class LoopSettings(Section):
+    """The loop every stage shares: length, precision and the cadence of logging, evaluation and checkpoints."""
 
-    max_steps: int = Field(100, ge=1, description="optimizer steps")
-    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process)")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(100, ge=1, description="steps (an RL step = one rollout and its updates)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast precision")
     log_every: int = Field(10, ge=1, description="log training metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0 = never)")
     keep_checkpoints: int = Field(1, ge=1, description="how many resumable checkpoints to keep")
+
+
+class TrainSettings(LoopSettings):
+    """The supervised loop (pretrain, sft, reward): the shared loop plus batch size and gradient accumulation."""
+
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+
+
+class GenerationSettings(Section):
+    """Decoding for gold evaluation: greedy (a property of the weights) and, with `samples` > 0, also sampled at
+    `temperature` (the distribution RL actually trains: mean accuracy and pass@k over `samples` per prompt)."""
+
+    max_new_tokens: int = Field(48, ge=1, description="response budget")
+    batch_size: int = Field(64, ge=1, description="prompts per generate call")
+    samples: int = Field(0, ge=0, description="sampled evaluation: completions per prompt (0 = greedy only)")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the sampled evaluation")
+
+
+class SamplingSettings(Section):
+    """How an RL stage samples its rollouts (the same temperature is used to recompute log-probs in training)."""
+
+    n: int = Field(8, ge=1, description="completions per prompt (GRPO's group size G)")
+    max_new_tokens: int = Field(48, ge=1, description="response budget; a completion without EOS by then is truncated")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (also used for training log-probs)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0 = off)")
+
+
+class RLSettings(Section):
+    """The shape of one RL step: rollout size, update epochs (μ) and minibatches, micro-batches for memory."""
+
+    prompts_per_step: int = Field(16, ge=1, description="prompts sampled per step (per process); rows = prompts × sampling.n")
+    epochs: int = Field(1, ge=1, description="μ: passes over each rollout (> 1 reuses it off-policy with the clipped ratio)")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per epoch; the rollout is split into this many shuffled parts")
+    micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward pass (gradient accumulation inside a minibatch)")
 
 
 class TrackingSettings(Section):
@@ -132,12 +186,53 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def read_text_file(path: str | Path) -> str:
+    """A text file's content as UTF-8 (a leading BOM is dropped). Anything else is a `UserError` naming the file and
+    the line: a binary file, a UTF-16 one, one invalid byte."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"{path}: the file is UTF-16/32 encoded; save it as UTF-8")
+    if b"\x00" in raw:
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (a NUL byte: a binary or UTF-16 file); save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                        "save it as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # keys merged from `<<: *anchor` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, typing.Hashable):  # the base class reports it
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (first on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(read_text_file(path), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -188,10 +283,15 @@ def validate(schema: type[Section], data: dict, source: str = "config") -> Secti
             hint = nearest_key(key, valid_keys(schema))
             suggestion = f" (did you mean '{hint}'?)" if hint else ""
             raise UserError(f"{source}: unknown config key '{key}'{suggestion}") from None
+        if err["type"] in ("model_type", "model_attributes_type"):  # `train: 5`
+            sub = next((k for k in valid_keys(schema) if k.startswith(key + ".")), None)
+            example = f" such as '{sub}'" if sub else ""
+            raise UserError(
+                f"{source}: config key '{key}' is a section: give it a mapping of keys{example}; got {err.get('input')!r}"
+            ) from None
         expected = _expected_type(schema, key)
-        raise UserError(
-            f"{source}: config key '{key}' {err['msg'].lower()}{expected}; got {err.get('input')!r}"
-        ) from None
+        msg = err["msg"].removeprefix("Value error, ").lower()
+        raise UserError(f"{source}: config key '{key}' {msg}{expected}; got {err.get('input')!r}") from None
 
 
 def _expected_type(schema: type[BaseModel], dotted: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from rlhf.config import read_text_file
 from rlhf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def _read_file(path: Path) -> list[Record]:
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise UserError(f"{path}: not a readable parquet file ({exc})") from None
         return [Record.at(row, f"{path}[{i}]") for i, row in enumerate(rows)]
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)  # UTF-8 (a BOM is dropped); anything else is an error naming file and line
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -124,6 +125,8 @@ def require_fields(record: Record, fields: Iterable[str], kind: type | tuple = s
 
 def load_prompts(source: str | Path, limit: int | None = None) -> list[Record]:
     """Prompt records: `prompt` (text, or a list of chat messages), optional `task` and `meta`."""
+    if limit is not None and limit < 1:
+        raise UserError(f"{source}: a prompt limit must be at least 1 (null = all prompts); got {limit}")
     records = load_records(source)[:limit]
     for rec in records:
         require_fields(rec, ["prompt"], (str, list))
@@ -149,19 +152,37 @@ def sft_texts(record: Record, tokenizer) -> tuple[str, str]:
     (the last assistant turn is the completion; earlier turns form the prompt through the chat template).
     """
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{record.origin}: field 'messages' must be a non-empty list of {{role, content}}")
+        messages = _require_messages(record, "messages")
+        if not messages:
+            raise UserError(f"{record.origin}: field 'messages' must be a non-empty list of {{role, content}} objects")
         if messages[-1].get("role") != "assistant":
             raise UserError(f"{record.origin}: the last message must have role 'assistant'")
         return _chat_prompt(messages[:-1], tokenizer, record), str(messages[-1].get("content", ""))
     require_fields(record, ["prompt", "completion"], (str, list))
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list):
-        prompt = _chat_prompt(prompt, tokenizer, record)
+        prompt = _chat_prompt(_require_messages(record, "prompt"), tokenizer, record)
     if isinstance(completion, list):
-        completion = "".join(str(m.get("content", "")) for m in completion)
+        completion = "".join(str(m.get("content", "")) for m in _require_messages(record, "completion"))
     return prompt, completion
+
+
+def _require_messages(record: Record, name: str) -> list[dict]:
+    """`record[name]` as a list of chat messages: {role, content} objects (a list of plain strings is an error)."""
+    messages = record[name]
+    if not isinstance(messages, list):
+        raise UserError(f"{record.origin}: field '{name}' must be a list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            got = type(message).__name__ if not isinstance(message, dict) else f"an object with keys {sorted(message)}"
+            raise UserError(f"{record.origin}: field '{name}' item {i} must be a {{role, content}} message object; got {got}")
+    return messages
+
+
+def prompt_text(record: Record, tokenizer) -> str:
+    """A prompt record's `prompt` as text: a string as is, chat messages through the tokenizer's template."""
+    prompt = record["prompt"]
+    return _chat_prompt(_require_messages(record, "prompt"), tokenizer, record) if isinstance(prompt, list) else prompt
 
 
 def _chat_prompt(messages: list[dict], tokenizer, record: Record) -> str:

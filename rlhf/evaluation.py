@@ -1,41 +1,129 @@
-"""Gold-scored evaluation of a policy on held-out prompts of the demo world's tasks (greedy decoding)."""
+"""Gold-scored evaluation of a policy on held-out prompts: greedy, and optionally sampled (n per prompt at a
+temperature), with per-prompt scores so two models can be compared with paired-bootstrap confidence intervals.
+
+Scoring goes through a `ScoreFn`: by default the demo world's gold scorers (records whose `task` is a world task);
+an RL stage on a user's own prompts passes its scoring interface (rules and/or reward models) instead, so `eval/...`
+is logged for any prompts, not only the demo world's.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
+from rlhf.config import GenerationSettings
 from rlhf.data import Record
 from rlhf.tracking import progress
 
+# (prompts, completions, records (one per completion), ended) -> one score per completion
+ScoreFn = Callable[[Sequence[str], Sequence[str], Sequence[dict], Sequence[bool]], Sequence[float]]
+
+
+def world_gold_scores(prompts, completions, records, ended) -> list[float]:
+    """The demo world's hidden gold scorers (exact answer for `add`, the rubric for `review`)."""
+    from rlhf.world import gold_scores
+
+    return gold_scores([r["task"] for r in records], prompts, completions, [r.get("meta") or {} for r in records])
+
+
+@dataclass
+class PromptScores:
+    """Per-prompt results of one policy on one prompt set (rows in the order of the records)."""
+
+    tasks: list[str]
+    greedy: list[float]
+    sampled: list[list[float]] = field(default_factory=list)  # (prompts, n) scores of the sampled completions
+    lengths: list[int] = field(default_factory=list)  # greedy response lengths
+    ended: list[bool] = field(default_factory=list)
+
+    def sampled_mean(self) -> list[float]:
+        return [sum(s) / len(s) for s in self.sampled]
+
 
 @torch.no_grad()
-def evaluate_gold(policy, records: list[Record], *, max_new_tokens: int = 48, batch_size: int = 64) -> dict[str, float]:
-    """Mean gold score per task (`eval/gold_score/<task>`), their mean (`eval/gold_score`), and response stats.
+def score_prompts(policy, records: list[Record], generation: GenerationSettings | None = None,
+                  score_fn: ScoreFn | None = None, seed: int = 0) -> PromptScores:
+    """Greedy-decode (and, with `generation.samples` > 0, sample) every record's prompt and score the completions.
 
-    Records need `prompt`, `task` (a demo-world task) and `meta`. Greedy decoding makes the number a property
-    of the weights, not of a sampling seed.
+    Without `score_fn` only records of demo-world tasks are kept and scored by the world's gold scorers. Rows are
+    grouped by `record["task"]` when present (else "all"). Sampling is seeded per batch, so the scores are a
+    function of the weights and `seed`.
     """
-    from rlhf.world import TASKS, gold_scores
+    generation = generation or GenerationSettings()
+    if score_fn is None:
+        from rlhf.world import TASKS
 
-    records = [r for r in records if r.get("task") in TASKS]
-    if not records:
-        return {}
-    scores: dict[str, list[float]] = defaultdict(list)
-    lengths, ended = [], []
-    batches = range(0, len(records), batch_size)
+        records = [r for r in records if r.get("task") in TASKS]
+        score_fn = world_gold_scores
+    out = PromptScores(tasks=[str(r.get("task") or "all") for r in records], greedy=[])
+    batches = range(0, len(records), generation.batch_size)
     for start in progress(batches, total=len(batches), desc="eval"):
-        chunk = records[start:start + batch_size]
-        rollout = policy.generate([r["prompt"] for r in chunk], max_new_tokens=max_new_tokens, greedy=True)
-        tasks = [r["task"] for r in chunk]
-        got = gold_scores(tasks, rollout.prompts, rollout.completions, [r.get("meta") or {} for r in chunk])
-        for task, score in zip(tasks, got):
-            scores[task].append(score)
-        lengths.extend(rollout.lengths.tolist())
-        ended.extend(rollout.ended.tolist())
-    metrics = {f"eval/gold_score/{task}": sum(v) / len(v) for task, v in sorted(scores.items())}
-    metrics["eval/gold_score"] = sum(metrics.values()) / len(metrics)
-    metrics["eval/response_length"] = sum(lengths) / len(lengths)
-    metrics["eval/truncated_frac"] = 1.0 - sum(ended) / len(ended)
+        chunk = records[start:start + generation.batch_size]
+        prompts = [r["prompt"] for r in chunk]
+        rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True)
+        out.greedy += [float(s) for s in score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist())]
+        out.lengths += rollout.lengths.tolist()
+        out.ended += rollout.ended.tolist()
+        if generation.samples:
+            k = generation.samples
+            rollout = policy.generate(prompts, n=k, max_new_tokens=generation.max_new_tokens,
+                                      temperature=generation.temperature, seed=seed * 1_000_003 + start)
+            rows = [chunk[i] for i in rollout.prompt_index.tolist()]
+            scores = [float(s) for s in score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist())]
+            out.sampled += [scores[i * k:(i + 1) * k] for i in range(len(chunk))]
+    return out
+
+
+def summarize(scores: PromptScores, k: int | None = None) -> dict[str, float]:
+    """Metrics of one policy: `eval/gold_score[/<task>]` (greedy), `eval/sampled/gold_score[/<task>]` (mean over
+    samples), `eval/sampled/pass@k[/<task>]` (mean over prompts of the best of k samples: pass@k for 0/1 scores),
+    response length and the fraction cut at the budget. The unsuffixed score is the mean over tasks."""
+    if not scores.greedy:
+        return {}
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, task in enumerate(scores.tasks):
+        by_task[task].append(i)
+    metrics: dict[str, float] = {}
+
+    def per_task(name: str, values: list[float]) -> None:
+        means = {t: sum(values[i] for i in rows) / len(rows) for t, rows in sorted(by_task.items())}
+        metrics.update({f"{name}/{t}": v for t, v in means.items()})
+        metrics[name] = sum(means.values()) / len(means)
+
+    per_task("eval/gold_score", scores.greedy)
+    if scores.sampled:
+        per_task("eval/sampled/gold_score", scores.sampled_mean())
+        per_task("eval/sampled/pass@k", [max(s) for s in scores.sampled])
+        metrics["eval/sampled/k"] = float(k or len(scores.sampled[0]))
+    metrics["eval/response_length"] = sum(scores.lengths) / len(scores.lengths)
+    metrics["eval/truncated_frac"] = 1.0 - sum(scores.ended) / len(scores.ended)
     return metrics
+
+
+def evaluate_gold(policy, records: list[Record], generation: GenerationSettings | None = None,
+                  score_fn: ScoreFn | None = None, seed: int = 0) -> dict[str, float]:
+    """`summarize(score_prompts(...))`: the metrics every stage logs as `eval/...` ({} when nothing is scored)."""
+    return summarize(score_prompts(policy, records, generation, score_fn, seed))
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 5000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean of b − a over prompts with a percentile bootstrap CI that resamples prompts (paired: the same prompts
+    for both models, so prompt difficulty cancels). Returns {"diff", "lo", "hi"}."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs two equal, non-empty score lists (got {len(a)} and {len(b)})")
+    diff = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    idx = torch.randint(len(diff), (n_boot, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[idx].mean(1)
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return {"diff": float(diff.mean()), "lo": lo, "hi": hi}
+
+
+def format_ci(ci: dict[str, float]) -> str:
+    """'+0.071 [+0.032, +0.110]'"""
+    return f"{ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]" if all(map(math.isfinite, ci.values())) else "n/a"

@@ -77,3 +77,29 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tor
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on the first real token, so left padding does not shift them. Shape: (B, L)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# KL estimators (Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html). Each estimates
+# KL(π || π_ref) per token from samples drawn from π, with log r = ref_logprobs - logprobs.
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log π - log π_ref = -log r: unbiased, high variance, negative on some tokens. Shape: (B, T) -> (B, T)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = ½ (log r)²: biased but low variance and always ≥ 0. Shape: (B, T) -> (B, T)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = π_ref / π: unbiased, low variance, always ≥ 0. Shape: (B, T) -> (B, T).
+
+    The form GRPO uses (Shao et al. 2024, eq. 4; TRL `GRPOTrainer._compute_loss` computes the same expression).
+    """
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}

@@ -6,13 +6,17 @@ an interrupted one resumes from its last checkpoint; a changed one reruns, and s
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
+import importlib.util
+import re
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rlhf import stage as stage_dir
 from rlhf.config import (
@@ -20,23 +24,39 @@ from rlhf.config import (
     set_dotted, validate,
 )
 from rlhf.errors import UserError
-from rlhf.collect import stage as collect
-from rlhf.recipes import evaluate, pretrain, sft
 from rlhf.tracking import Tracker
-from reward_models import train as reward
-from rlhf.training import latest_checkpoint, remove_checkpoints
+from rlhf.training import NonFiniteError, latest_checkpoint, remove_checkpoints
 
-# stage kind -> recipe module (exposes `Config` and `run(cfg, ctx)`)
-STAGES: dict[str, ModuleType] = {
-    "pretrain": pretrain, "sft": sft, "reward": reward, "eval": evaluate, "collect": collect,
+# stage kind -> the module of its recipe (exposes `Config` and `run(cfg, ctx)`), imported only when the stage runs
+# (torchtune's recipe registry by path): `rlhf sft` never imports the web app. Adding a stage is one line here.
+STAGES: dict[str, str] = {
+    "pretrain": "rlhf.recipes.pretrain",
+    "sft": "rlhf.recipes.sft",
+    "reward": "reward_models.train",
+    "grpo": "rlhf.recipes.grpo",
+    "eval": "rlhf.recipes.evaluate",
+    "collect": "rlhf.collect.stage",
 }
 
 
 def recipe(kind: str) -> ModuleType:
+    """The recipe module of a stage kind (imported on first use)."""
     if kind not in STAGES:
         hint = nearest_key(kind, list(STAGES))
         raise UserError(f"unknown stage kind '{kind}'" + (f" (did you mean '{hint}'?)" if hint else f"; known: {', '.join(STAGES)}"))
-    return STAGES[kind]
+    return importlib.import_module(STAGES[kind])
+
+
+def stage_help(kind: str) -> str:
+    """The first line of the recipe's `Config` docstring, read from its source without importing it (so `rlhf
+    --help` stays fast): '`rlhf sft`: fine-tune a causal LM on demonstrations.' -> 'fine-tune a causal LM ...'."""
+    spec = importlib.util.find_spec(STAGES[kind])
+    tree = ast.parse(Path(spec.origin).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Config":
+            doc = (ast.get_docstring(node) or "").splitlines()[0] if ast.get_docstring(node) else ""
+            return doc.split(":", 1)[1].strip().rstrip(".") if doc.startswith("`") and ":" in doc else doc
+    return ""
 
 
 def run_stage(
@@ -47,14 +67,20 @@ def run_stage(
     input_fingerprints: dict[str, str] | None = None,
     overwrite: bool = False,
     force: bool = False,
+    rerun: bool = False,
     debug: bool = False,
 ) -> dict[str, Any]:
-    """Run (or skip, or resume) one stage into `cfg.output_dir`. Returns {"status", "fingerprint", "metrics"}."""
+    """Run (or skip, or resume) one stage into `cfg.output_dir`. Returns {"status", "fingerprint", "metrics"}.
+
+    `overwrite` replaces whatever rlhf artifact is there; `rerun` (a pipeline) only this stage's own artifact made with
+    another config; `force` reruns even an unchanged complete stage (see `stage.claim`).
+    """
     module = recipe(kind)
     name = name or kind
     out = Path(cfg.output_dir)
     fingerprint = _combined_fingerprint(cfg, input_fingerprints or {})
-    decision = _claim_on_main(out, stage=name, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=force)
+    decision = _claim_on_main(out, stage=name, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=force,
+                              rerun=rerun)
     if decision == "complete":
         manifest = stage_dir.read_manifest(out)
         print(f"[{name}] complete with an unchanged config: skipped ({out})")
@@ -71,10 +97,14 @@ def run_stage(
     started = time.monotonic()
     try:
         metrics = module.run(cfg, ctx)
-    except BaseException:
+    except BaseException as exc:
         if _is_main_process():
             stage_dir.finish(out, stage=name, kind=kind, fingerprint=fingerprint, status="failed")
         tracker.finish()
+        if isinstance(exc, NonFiniteError):  # say what is left on disk: no model, the last good checkpoint
+            ckpt = latest_checkpoint(out)
+            kept = f"its last good checkpoint {ckpt} is kept" if ckpt else "it wrote no checkpoint (train.save_every)"
+            raise NonFiniteError(f"stage '{name}': {exc}; the stage is marked failed and no model was saved; {kept}") from exc
         raise
     metrics = {k: float(v) for k, v in metrics.items()}
     if _is_main_process():
@@ -124,8 +154,11 @@ def _combined_fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
 # Pipelines
 
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 class StageSpec(Section):
-    name: str = Field(description="unique stage name; also its directory under output_dir")
+    name: str = Field(description="unique stage name (letters, digits, _ and -); also its directory under output_dir")
     kind: str = Field(description="which recipe runs: pretrain | sft | eval | ...")
     config: str | None = Field(None, description="the stage's YAML config (null = the recipe's defaults)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value applied on top of config")
@@ -133,6 +166,15 @@ class StageSpec(Section):
         default_factory=dict,
         description="dotted config key -> earlier stage whose output directory fills it ('collect/preferences' = a path inside it)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # the name is a directory under output_dir and the head of `<stage>.<key>=value` overrides
+        if not STAGE_NAME.fullmatch(name):
+            raise ValueError("must be a plain name of at most 64 letters, digits, '_' or '-' (it names the stage's "
+                             "directory under output_dir)")
+        return name
 
 
 class PipelineConfig(Section):
@@ -142,14 +184,15 @@ class PipelineConfig(Section):
     output_dir: str = Field("runs/pipeline", description="each stage writes to <output_dir>/<stage name>")
     seed: int | None = Field(None, description="if set, every stage's seed")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="W&B settings for every stage")
-    stages: list[StageSpec] = Field(description="the stages, in order")
+    stages: list[StageSpec] = Field(min_length=1, description="the stages, in order (at least one)")
 
 
 def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfig, dict[str, dict]]:
     """Pipeline config plus per-stage overrides: `sft.train.max_steps=10` goes to stage `sft`, `seed=1` to the
     pipeline."""
     data = read_yaml(path)
-    stage_names = {s.get("name") for s in data.get("stages", []) if isinstance(s, dict)}
+    stages = data.get("stages")
+    stage_names = {s.get("name") for s in stages if isinstance(s, dict)} if isinstance(stages, list) else set()
     pipeline_overrides, stage_overrides = {}, {}
     for key, value in parse_overrides(overrides).items():
         head, _, rest = key.partition(".")
@@ -163,8 +206,8 @@ def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfi
     seen: list[str] = []
     for spec in cfg.stages:
         recipe(spec.kind)
-        if spec.name in seen:
-            raise UserError(f"{path}: stage name '{spec.name}' is used twice")
+        if spec.name.lower() in (s.lower() for s in seen):  # one directory each, also on case-insensitive disks
+            raise UserError(f"{path}: stage name '{spec.name}' is used twice (names must be unique, ignoring case)")
         for key, source in spec.inputs.items():
             if _source_stage(source) not in seen:
                 raise UserError(f"{path}: stage '{spec.name}' takes '{key}' from '{source}', which is not an earlier stage")
@@ -192,22 +235,34 @@ def stage_config(pipeline: PipelineConfig, spec: StageSpec, cli_overrides: dict,
 
 
 def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | None = None,
-                 only: str | None = None, debug: bool = False) -> dict[str, dict]:
-    """Run a pipeline's stages in order. Returns each stage's result."""
+                 only: str | None = None, overwrite: bool = False, debug: bool = False) -> dict[str, dict]:
+    """Run a pipeline's stages in order, then print a summary of each stage's headline metrics. Returns each stage's
+    result.
+
+    Every stage's config is resolved and validated before the first stage runs. A stage whose config changed replaces
+    its own earlier artifact; a directory holding another stage's or another kind's artifact needs `overwrite`.
+    """
     pipeline, stage_overrides = load_pipeline(path, overrides)
+    stage_dir.check_output_dir(pipeline.output_dir)
     names = [s.name for s in pipeline.stages]
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in names:
             hint = nearest_key(value, names)
             raise UserError(f"{flag} {value}: no such stage" + (f" (did you mean '{hint}'?)" if hint else f"; stages: {', '.join(names)}"))
     outputs: dict[str, str] = {}
+    configs: dict[str, StageConfig] = {}
+    for spec in pipeline.stages:  # validate every stage's config before any stage runs
+        try:
+            configs[spec.name] = stage_config(pipeline, spec, stage_overrides.get(spec.name, {}), outputs)
+        except UserError as exc:
+            raise UserError(f"stage '{spec.name}': {exc}") from None
+        outputs[spec.name] = configs[spec.name].output_dir
     fingerprints: dict[str, str] = {}
     results: dict[str, dict] = {}
     rerun_rest = False
     reached_from = from_stage is None
     for spec in pipeline.stages:
-        cfg = stage_config(pipeline, spec, stage_overrides.get(spec.name, {}), outputs)
-        outputs[spec.name] = cfg.output_dir
+        cfg = configs[spec.name]
         inputs = {key: fingerprints[_source_stage(src)] for key, src in spec.inputs.items()}
         reached_from = reached_from or spec.name == from_stage
         if only is not None and spec.name != only:
@@ -223,8 +278,41 @@ def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | No
             if missing:
                 raise UserError(f"--only {only}: its input stage '{missing[0]}' has not completed; run it first")
         force = (reached_from and from_stage is not None) or rerun_rest
-        result = run_stage(spec.kind, cfg, name=spec.name, input_fingerprints=inputs, overwrite=True, force=force, debug=debug)
+        result = run_stage(spec.kind, cfg, name=spec.name, input_fingerprints=inputs, overwrite=overwrite, force=force,
+                           rerun=True, debug=debug)
         fingerprints[spec.name] = result["fingerprint"]
         results[spec.name] = result
         rerun_rest = rerun_rest or result["status"] == "ran"
+    print(format_summary(pipeline, results))
     return results
+
+
+# the numbers a stage is judged by, in this order (a reward model's accuracy next to its noise ceiling)
+HEADLINE_METRICS = (
+    "loss/total", "eval/loss", "eval/gold_score", "eval/sampled/gold_score", "eval/accuracy", "eval/noise_ceiling",
+    "train/reward", "train/kl",
+)
+
+
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline subset of a stage's final metrics; for the eval stage each model's mean gold scores
+    (`eval/<model>/gold_score`, not the per-task breakdown)."""
+    out = {key: metrics[key] for key in HEADLINE_METRICS if key in metrics}
+    for key, value in metrics.items():
+        head, _, rest = key.partition("/")
+        label, _, name = rest.partition("/")
+        if head == "eval" and label and name in ("gold_score", "sampled/gold_score") and key not in out:
+            out[key] = value
+    return out
+
+
+def format_summary(pipeline: PipelineConfig, results: dict[str, dict]) -> str:
+    """One line per stage: name, kind, ran / skipped / not selected, headline metrics."""
+    width = max(len(spec.name) for spec in pipeline.stages)
+    lines = [f"pipeline '{pipeline.name}' summary ({pipeline.output_dir}):"]
+    for spec in pipeline.stages:
+        result = results.get(spec.name)
+        status = result["status"] if result else "not selected"
+        numbers = "  ".join(f"{k} {v:.4g}" for k, v in headline_metrics(result["metrics"] if result else {}).items())
+        lines.append(f"  {spec.name.ljust(width)}  {spec.kind:<8} {status:<12} {numbers}".rstrip())
+    return "\n".join(lines)

@@ -33,16 +33,69 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_model_dir(name: str) -> None:
+    """A local model directory must hold a config.json and weights, or be a LoRA adapter whose base exists; say what
+    it holds instead (a tokenizer only, weights without config.json...). Hub ids and missing paths pass through."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"model path {name} is a file, not a model directory")
+    files = sorted(p.name for p in path.iterdir())
+    if "adapter_config.json" in files:
+        if not any(f in files for f in ADAPTER_FILES):
+            raise UserError(f"{name}: a LoRA adapter directory without adapter weights ({ADAPTER_FILES[0]})")
+        try:
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except ValueError as exc:
+            raise UserError(f"{path / 'adapter_config.json'}: not valid JSON ({exc})") from None
+        if isinstance(base, str) and _looks_local(base) and not Path(base).expanduser().exists():
+            raise UserError(f"{name}: the LoRA adapter's base model '{base}' is not found (a relative base path is "
+                            "read from the working directory)")
+        return
+    held = ", ".join(files[:6]) + (", ..." if len(files) > 6 else "") if files else "nothing"
+    if "config.json" not in files:
+        what = "only a tokenizer" if files and all(f.startswith(("tokenizer", "special_tokens", "chat_template", "vocab",
+                                                                      "merges")) for f in files) else held
+        raise UserError(f"{name}: not a model directory: no config.json (it holds {what})")
+    if not any(f in files for f in WEIGHT_FILES):
+        raise UserError(f"{name}: no model weights ({WEIGHT_FILES[0]}) next to its config.json (it holds {held})")
+
+
+@contextmanager
+def loading(name: str, what: str = "model"):
+    """Turn a Hugging Face loader's failure on `name` (a corrupt or truncated weights file, a bad config, a hub id
+    that does not resolve) into one `UserError` line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if not Path(name).expanduser().exists():
+            raise UserError(f"{what} path not found: {name} (no such local path; as a hub id: {first})") from exc
+        raise UserError(f"could not load a {what} from '{name}' ({type(exc).__name__}: {first})") from exc
+
+
+def _local_or_hub(name: str) -> str:
+    """An existing local path made absolute (so what records it, e.g. a LoRA adapter's base, loads from anywhere);
+    a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def load_tokenizer(name: str):
     """AutoTokenizer with a pad token distinct from EOS (one is added if the model has none)."""
     from transformers import AutoTokenizer
 
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"tokenizer path not found: {name}")
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
-        raise UserError(f"could not load a tokenizer from '{name}' ({str(exc).splitlines()[0]})") from None
+    with loading(name, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(_local_or_hub(name))
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         # pad == EOS would make "stopped" and "padding" indistinguishable in response masks
         tok.add_special_tokens({"pad_token": "<pad>"})
@@ -56,15 +109,14 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     path = Path(name).expanduser()
     if _looks_local(name) and not path.exists():
         raise UserError(f"model path not found: {name}")
+    check_model_dir(name)
     torch_dtype = getattr(torch, dtype)
-    try:
+    with loading(name, "causal LM"):
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForCausalLM
 
-            return AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).merge_and_unload()
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-    except OSError as exc:
-        raise UserError(f"could not load a causal LM from '{name}' ({str(exc).splitlines()[0]})") from None
+            return AutoPeftModelForCausalLM.from_pretrained(str(path.resolve()), dtype=torch_dtype).merge_and_unload()
+        return AutoModelForCausalLM.from_pretrained(_local_or_hub(name), dtype=torch_dtype)
 
 
 def add_special_tokens(model, tokenizer, tokens: Sequence[str]) -> list[int]:
@@ -82,10 +134,30 @@ def add_special_tokens(model, tokenizer, tokens: Sequence[str]) -> list[int]:
     return tokenizer.convert_tokens_to_ids(new)
 
 
+def check_lora_targets(model, target_modules: list[str] | str) -> None:
+    """Every LoRA target must name Linear modules the model has (peft matches a name by its last dotted parts; a
+    string other than 'all-linear' is a regex over full names). Raises a `UserError` listing the ones it has."""
+    import re
+
+    if target_modules == "all-linear":
+        return
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if isinstance(target_modules, str):
+        missing = [] if any(re.fullmatch(target_modules, n) for n in names) else [target_modules]
+    else:
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not target_modules:
+        raise UserError(f"config key 'model.lora.target_modules': the model has no Linear module named "
+                        f"{', '.join(repr(t) for t in missing) or '(an empty list)'}; it has {', '.join(leaves)} "
+                        "(or use 'all-linear')")
+
+
 def apply_lora(model, lora: LoraSettings, trainable_token_ids: list[int]):
     """Wrap `model` with LoRA adapters; new special tokens get trainable embedding rows (peft trainable tokens)."""
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, lora.target_modules)
     extra = {"trainable_token_indices": {"embed_tokens": trainable_token_ids}} if trainable_token_ids else {}
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
@@ -131,8 +203,10 @@ class PolicyModel:
 
         `device` defaults to accelerate's device for this process (the local GPU under `accelerate launch`).
         """
-        if settings.path and not settings.scratch_size and _looks_local(settings.path) and not Path(settings.path).expanduser().exists():
-            raise UserError(f"model path not found: {settings.path}")
+        if settings.path and not settings.scratch_size:
+            if _looks_local(settings.path) and not Path(settings.path).expanduser().exists():
+                raise UserError(f"model path not found: {settings.path}")
+            check_model_dir(settings.path)  # before the tokenizer: a tokenizer-only directory is not a model
         tok_name = settings.tokenizer or settings.path
         if tok_name is None:
             raise UserError("config key 'model.path' (or 'model.tokenizer') is required")
@@ -192,6 +266,16 @@ class PolicyModel:
     def modules(self) -> list[nn.Module]:
         """The trainable modules (model, value head): what an optimizer and accelerate.prepare receive."""
         return [self.model] + ([self.value_head] if self.value_head is not None else [])
+
+    def unwrapped(self, accelerator) -> "PolicyModel":
+        """This policy with accelerate's wrappers (DDP / FSDP / DeepSpeed) taken off its trainable modules.
+
+        The one way to get a bare view back after `accelerator.prepare(policy.model, ...)` (and of the value head):
+        the view shares the weights and keeps the tokenizer, the reference and the value head, so it can
+        `generate` (a DDP wrapper has no `generate`), compute reference log-probs and `save`.
+        """
+        head = accelerator.unwrap_model(self.value_head) if self.value_head is not None else None
+        return PolicyModel(accelerator.unwrap_model(self.model), self.tokenizer, ref_model=self.ref_model, value_head=head)
 
     def to(self, device) -> "PolicyModel":
         for m in self.modules() + ([self.ref_model] if self.ref_model is not None else []):
@@ -352,9 +436,23 @@ class PolicyModel:
         if self.is_lora and merged:
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(str(path))
+        if self.is_lora and not merged:
+            _absolute_adapter_base(path / "adapter_config.json")
         self.tokenizer.save_pretrained(str(path))
         if self.value_head is not None:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
         (path / "policy.json").write_text(json.dumps({"lora": self.is_lora and not merged}, indent=2))
+
+
+def _absolute_adapter_base(config_file: Path) -> None:
+    """Record a LoRA adapter's base model as an absolute path when it is a local directory, so the adapter loads
+    from any working directory (peft writes the path the base was loaded from, often a relative one)."""
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if isinstance(base, str) and base and not Path(base).is_absolute() and Path(base).expanduser().exists():
+        config["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))

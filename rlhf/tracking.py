@@ -18,6 +18,7 @@ from rlhf.config import TrackingSettings
 log = logging.getLogger("rlhf")
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # sampled completions of RL stages, one JSON object a line
 X_AXES = ("progress/samples", "progress/tokens", "progress/seconds")
 
 
@@ -51,7 +52,8 @@ class Tracker:
         self.run = None
         if not enabled:
             return
-        self._truncate(resume_step)
+        self._truncate(self.path, resume_step)
+        self._truncate(self.dir / SAMPLES_FILE, resume_step, keep_missing=True)
         mode = resolve_mode(settings.mode)
         if mode != "disabled":
             import wandb
@@ -70,12 +72,15 @@ class Tracker:
                 self.run.define_metric(axis)
             self.run.define_metric("*", step_metric="progress/samples")
 
-    def _truncate(self, resume_step: int | None) -> None:
-        if not self.path.exists() or resume_step is None:
-            self.path.write_text("")
+    @staticmethod
+    def _truncate(path: Path, resume_step: int | None, keep_missing: bool = False) -> None:
+        """Empty `path`, or on resume keep only its rows up to `resume_step`."""
+        if not path.exists() or resume_step is None:
+            if not keep_missing or path.exists():
+                path.write_text("")
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record `metrics` (tensors become floats) at optimizer step `step`."""
@@ -86,6 +91,19 @@ class Tracker:
             fh.write(json.dumps({"step": step, **clean}) + "\n")
         if self.run is not None:
             self.run.log(clean, step=step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Sampled completions (dicts with the same keys) at step `step`: appended to samples.jsonl and logged as a
+        W&B table `samples`."""
+        if not self.enabled or not rows:
+            return
+        with (self.dir / SAMPLES_FILE).open("a") as fh:
+            fh.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+        if self.run is not None:
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:

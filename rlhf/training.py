@@ -4,17 +4,28 @@ checkpoints. The loops themselves live in the recipes, read top to bottom."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import torch
 
 from rlhf.config import OptimSettings
+from rlhf.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+ZERO_GRAD_WARN_STEPS = 20  # warn when the gradient norm is exactly 0 for this many optimizer steps in a row
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradient norm is NaN / infinite: training diverged. Raised before the optimizer step, so the
+    weights (and every checkpoint written so far) stay finite; the runner marks the stage `failed`."""
 
 
 def make_optimizer(params, optim: OptimSettings) -> torch.optim.AdamW:
@@ -171,17 +182,54 @@ def sync_unless_last(accelerator, model, index: int, count: int):
     return nullcontext() if index == count - 1 else accelerator.no_sync(model)
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """Clip, step, schedule, zero. Returns the pre-clip global gradient norm."""
+_zero_norm_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> consecutive zero norms
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float | None, *,
+                   loss: float | None = None) -> float:
+    """Check, clip, step, schedule, zero. Returns the pre-clip global gradient norm.
+
+    A non-finite gradient norm (or `loss`, when given) raises `NonFiniteError` before the step: nothing NaN is ever
+    stepped into the weights or saved. A norm of exactly 0 for `ZERO_GRAD_WARN_STEPS` steps in a row logs one
+    warning (a collapsed model learns nothing); it never fails, since an RL loss can be legitimately 0.
+    """
     if max_grad_norm is not None:
-        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
     else:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    _check_finite(accelerator, optimizer, norm, loss)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    streak = _zero_norm_steps.get(optimizer, 0) + 1 if norm == 0.0 else 0
+    _zero_norm_steps[optimizer] = streak
+    if streak == ZERO_GRAD_WARN_STEPS:
+        log.warning("the gradient norm has been exactly 0 for %d optimizer steps in a row: the model is not learning "
+                    "(collapsed, e.g. by too high an optim.lr, or the loss carries no signal)", streak)
+    return norm
+
+
+def _check_finite(accelerator, optimizer, norm: float, loss: float | None) -> None:
+    bad = {name: value for name, value in (("loss", loss), ("gradient norm", norm))
+           if value is not None and not math.isfinite(value)}
+    if accelerator.num_processes > 1:  # every process must stop, not only the one whose local loss is NaN
+        flag = accelerator.reduce(torch.tensor([float(bool(bad))], device=accelerator.device), "sum")
+        if flag.item() and not bad:
+            bad = {"loss on another process": float("nan")}
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        what = ", ".join(f"{name} {value}" for name, value in bad.items())
+        raise NonFiniteError(f"non-finite {what} at optimizer step {_steps_taken(optimizer) + 1}: training diverged "
+                             "and was stopped before the step (try a lower optim.lr or optim.max_grad_norm)")
+
+
+def _steps_taken(optimizer) -> int:
+    """Optimizer steps taken so far (AdamW's per-parameter step count, restored on resume)."""
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
 
 
 def progress_axes(counters: dict, timer: StepTimer) -> dict[str, float]:
@@ -194,3 +242,26 @@ def peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def end_of_step(ctx, accelerator, train, done: int, counters: dict, timer: StepTimer, *, tokens: int,
+                metrics: dict, evaluate=None, state: dict | None = None) -> float:
+    """The per-step tail every recipe shares, after its optimizer step(s) and counter updates. Returns the lap.
+
+    Logs `metrics` plus perf/step_seconds, perf/tokens_per_s (`tokens` processed this step), perf/peak_rss_gb and the
+    progress axes every `train.log_every` steps and at the last; evaluates (`evaluate() -> dict`) every
+    `train.eval_every`; checkpoints every `train.save_every` with `counters` and extra resumable floats in `state`
+    (e.g. the adaptive KL coefficient). The final eval and save stay in the recipe.
+    """
+    lap = timer.lap()
+    if done % train.log_every == 0 or done == train.max_steps:
+        ctx.tracker.log({
+            **metrics, "perf/step_seconds": lap, "perf/tokens_per_s": tokens / max(lap, 1e-9),
+            "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
+        }, step=done)
+    if evaluate is not None and is_due(train.eval_every, done, train.max_steps):
+        ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
+    if is_due(train.save_every, done, train.max_steps):
+        save_checkpoint(accelerator, ctx.dir, done, {**counters, **(state or {}), "seconds": timer.elapsed},
+                        train.keep_checkpoints)
+    return lap

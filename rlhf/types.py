@@ -35,6 +35,20 @@ class Rollout:
         }
         return Rollout(**moved)
 
+    def select(self, idx: torch.Tensor | list[int]) -> "Rollout":
+        """Rows `idx` (a minibatch), tensors and text lists alike. `prompt_index` keeps its values, so rows of one
+        prompt still share an index."""
+        index = torch.as_tensor(idx, dtype=torch.long)
+        rows = index.tolist()
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value.index_select(0, index.to(value.device))
+            else:
+                picked[f.name] = [value[i] for i in rows] if value else []
+        return Rollout(**picked)
+
 
 @dataclass
 class ForwardOut:
@@ -43,3 +57,70 @@ class ForwardOut:
     logprobs: torch.Tensor
     entropy: torch.Tensor | None = None
     values: torch.Tensor | None = None
+
+
+@dataclass
+class Experience:
+    """What a policy-gradient update needs from one rollout: made by `rlhf.rollout.make_experience`, then the
+    recipe fills `advantages` (and `returns` for PPO). Shapes: B rows (prompts × n), T response tokens.
+
+    Every tensor is detached: these are the fixed targets of the update, not part of its graph.
+    """
+
+    rollout: Rollout  # the sampled responses (B rows, grouped by prompt)
+    scores: torch.Tensor  # (B,) float: the total reward of each completion (Σ weight · component)
+    components: dict[str, torch.Tensor]  # name -> (B,) float: each reward term before weighting
+    old_logprobs: torch.Tensor | None  # (B, T) float: log π_old at the sampling temperature; None = on-policy update
+    ref_logprobs: torch.Tensor | None = None  # (B, T) float: log π_ref(token); None when β = 0 (never computed)
+    values: torch.Tensor | None = None  # (B, T) float: V(state before each token) from the critic (PPO)
+    advantages: torch.Tensor | None = None  # (B,) or (B, T) float: filled by the recipe's estimator
+    returns: torch.Tensor | None = None  # (B, T) float: value targets (PPO)
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (generate, score, reference, values)
+
+    def __len__(self) -> int:
+        return len(self.rollout)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+    def select(self, idx: torch.Tensor | list[int]) -> "Experience":
+        """The rows `idx` (a minibatch): every per-row tensor sliced, the rollout too; timings kept."""
+        index = torch.as_tensor(idx, dtype=torch.long)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Rollout):
+                picked[f.name] = value.select(index)
+            elif isinstance(value, torch.Tensor):
+                picked[f.name] = value.index_select(0, index.to(value.device))
+            elif f.name == "components":
+                picked[f.name] = {k: v.index_select(0, index.to(v.device)) for k, v in value.items()}
+            else:
+                picked[f.name] = value
+        return Experience(**picked)
+
+
+def cat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rows of several rollouts as one (prompts left-padded, responses right-padded to the widest); `prompt_index`
+    is offset so that groups stay distinct. Used to refill a batch (DAPO's dynamic sampling)."""
+    if len(parts) == 1:
+        return parts[0]
+    width_p = max(r.prompt_ids.size(1) for r in parts)
+    width_t = max(r.response_ids.size(1) for r in parts)
+    pad_id = pad_token_id
+    out: dict[str, list] = {f.name: [] for f in fields(Rollout)}
+    offset = 0
+    for r in parts:
+        lp, lt = width_p - r.prompt_ids.size(1), width_t - r.response_ids.size(1)
+        out["prompt_ids"].append(torch.nn.functional.pad(r.prompt_ids, (lp, 0), value=pad_id))
+        out["prompt_mask"].append(torch.nn.functional.pad(r.prompt_mask, (lp, 0), value=False))
+        out["response_ids"].append(torch.nn.functional.pad(r.response_ids, (0, lt), value=pad_id))
+        out["response_mask"].append(torch.nn.functional.pad(r.response_mask, (0, lt), value=False))
+        for name in ("ended", "lengths"):
+            out[name].append(getattr(r, name))
+        out["prompt_index"].append(r.prompt_index + offset)
+        offset += int(r.prompt_index.max()) + 1 if len(r) else 0
+        out["prompts"] += r.prompts
+        out["completions"] += r.completions
+    return Rollout(**{k: (torch.cat(v) if k not in ("prompts", "completions") else v) for k, v in out.items()})

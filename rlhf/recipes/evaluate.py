@@ -1,6 +1,7 @@
 """Gold-scored evaluation of one or more policies on held-out prompts, side by side.
 
-Steps: 1 prompts → 2 for each model: load, greedy-decode, gold-score per task → 3 table, results.json, bar plot.
+Steps: 1 prompts and scorer → 2 for each model: load, greedy-decode (and sample n per prompt), score per task →
+3 paired-bootstrap CIs of every model against the baseline → 4 table, results.json, bar plot.
 """
 
 from __future__ import annotations
@@ -9,49 +10,84 @@ import json
 
 from pydantic import Field
 
-from rlhf.config import StageConfig
+from rlhf.config import GenerationSettings, StageConfig
+from rlhf.errors import UserError
 from rlhf.data import load_prompts
-from rlhf.evaluation import evaluate_gold
+from rlhf.evaluation import ScoreFn, format_ci, paired_bootstrap, score_prompts, summarize
 from rlhf.policy import PolicyModel
-from rlhf.recipes.sft import GenerationSettings
 from rlhf.stage import StageContext
+from reward_models.scoring import RewardComponent, Scorer
 
 
 class Config(StageConfig):
-    """`rlhf eval`: compare policies on the demo world's gold scorers."""
+    """`rlhf eval`: compare policies on held-out prompts (gold scorers or your reward components), with CIs."""
 
     models: dict[str, str] = Field(default_factory=dict, description="label -> model directory (HF format)")
     prompts: str = Field("data/demo/eval_prompts.jsonl", description="held-out prompts with task and meta")
     limit: int | None = Field(None, description="use at most this many prompts (null = all)")
-    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="greedy decoding budget")
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings, description="greedy budget; samples > 0 adds sampled accuracy and pass@k")
+    rewards: list[RewardComponent] | None = Field(
+        None, description="score with these reward components (rules / reward models) instead of the demo world's gold scorers")
+    baseline: str | None = Field(None, description="label every other model is compared with (null = the first model)")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
-    # 1. prompts ------------------------------------------------------------------------------------------------
+    # 1. prompts and the scorer ------------------------------------------------------------------------------------
     prompts = load_prompts(cfg.prompts, cfg.limit)
+    score_fn = scorer_fn(Scorer(cfg.rewards)) if cfg.rewards else None
+    if cfg.baseline is not None and cfg.baseline not in cfg.models:
+        raise UserError(f"config key 'baseline': '{cfg.baseline}' is not one of the models ({', '.join(cfg.models)})")
 
     # 2. each model with its own tokenizer (a base model sees action tokens as plain text: it never learned them)
-    results: dict[str, dict[str, float]] = {}
+    per_prompt, results = {}, {}
     for label, path in cfg.models.items():
         policy = PolicyModel.from_pretrained(path)
-        results[label] = evaluate_gold(policy, prompts, **cfg.generation.model_dump())
+        per_prompt[label] = score_prompts(policy, prompts, cfg.generation, score_fn, seed=cfg.seed)
+        results[label] = summarize(per_prompt[label])
 
-    # 3. report -------------------------------------------------------------------------------------------------
-    (ctx.dir / "results.json").write_text(json.dumps(results, indent=2))
+    # 3. paired bootstrap over prompts: each model minus the baseline (greedy, and sampled when sampled) ---------------
+    base = cfg.baseline or next(iter(cfg.models), None)
+    comparisons = {}
+    for label in cfg.models:
+        if label == base or not per_prompt[label].greedy:
+            continue
+        a, b = per_prompt[base], per_prompt[label]
+        comparisons[label] = {"greedy": paired_bootstrap(a.greedy, b.greedy, seed=cfg.seed)}
+        if a.sampled and b.sampled:
+            comparisons[label]["sampled"] = paired_bootstrap(a.sampled_mean(), b.sampled_mean(), seed=cfg.seed)
+        for kind, ci in comparisons[label].items():
+            results[label].update({f"eval/vs_{base}/{kind}_{k}": v for k, v in ci.items()})
+
+    # 4. report -------------------------------------------------------------------------------------------------
+    (ctx.dir / "results.json").write_text(json.dumps(
+        {"metrics": results, "baseline": base, "comparisons": comparisons,
+         "per_prompt": {label: vars(s) for label, s in per_prompt.items()}}, indent=2))
     print(format_table(results))
+    for label, cis in comparisons.items():
+        print(f"{label} - {base} (95% paired-bootstrap CI over {len(prompts)} prompts): "
+              + ", ".join(f"{kind} {format_ci(ci)}" for kind, ci in cis.items()))
     plot_scores(results, ctx.dir / "gold_scores.png")
     flat = {f"eval/{label}/{key.removeprefix('eval/')}": v for label, m in results.items() for key, v in m.items()}
     ctx.tracker.log({**flat, "progress/samples": 0}, step=0)
     return flat
 
 
+def scorer_fn(scorer: Scorer) -> ScoreFn:
+    """The scoring interface as an evaluation `ScoreFn` (the weighted total of its components)."""
+    def score(prompts, completions, records, ended):
+        return scorer.score(prompts, completions, records, ended=ended).total.tolist()
+    return score
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """Rows = tasks, columns = models."""
     labels = list(results)
-    keys = sorted({k for m in results.values() for k in m if k.startswith("eval/gold_score")})
+    keys = sorted({k for m in results.values() for k in m if k.startswith(("eval/gold_score", "eval/sampled/"))
+                   and not k.endswith("/k")})
     rows = [["held-out gold score"] + labels]
     for key in keys:
-        name = key.removeprefix("eval/gold_score").lstrip("/") or "mean"
+        name = key.removeprefix("eval/").removeprefix("gold_score").lstrip("/") or "mean"
         rows.append([name] + [f"{results[label].get(key, float('nan')):.3f}" for label in labels])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

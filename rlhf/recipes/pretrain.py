@@ -17,8 +17,8 @@ from rlhf.losses import lm_loss
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    is_due, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, peak_rss_gb,
-    progress_axes, resume_state, save_checkpoint, sync_unless_last,
+    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    resume_state, sync_unless_last,
 )
 from rlhf.tracking import progress
 
@@ -60,7 +60,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 4. optimizer and schedule ---------------------------------------------------------------------------------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    model = policy.model
 
     # 5. resume -------------------------------------------------------------------------------------------------
     start, counters, timer = resume_state(accelerator, ctx)
@@ -94,29 +95,19 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 loss, _ = lm_loss(model(input_ids=ids, use_cache=False).logits, ids, torch.ones_like(ids))
                 accelerator.backward(loss / cfg.train.grad_accum)
             loss_sum += loss.item() / cfg.train.grad_accum
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, loss=loss_sum)
 
         counters["samples"] += cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
         counters["tokens"] += tokens_per_micro * cfg.train.grad_accum
-        done = step + 1
-        lap = timer.lap()
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            ctx.tracker.log({
-                "loss/total": loss_sum, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                "perf/step_seconds": lap, "perf/tokens_per_s": tokens_per_micro * cfg.train.grad_accum / max(lap, 1e-9),
-                "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
-            }, step=done)
-        if is_due(cfg.train.eval_every, done, cfg.train.max_steps):
-            ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
-        if is_due(cfg.train.save_every, done, cfg.train.max_steps):
-            save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
+        end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens_per_micro * cfg.train.grad_accum,
+                    evaluate=evaluate, metrics={"loss/total": loss_sum, "train/lr": scheduler.get_last_lr()[0],
+                                                "train/grad_norm": grad_norm})
         metrics["loss/total"] = loss_sum
 
     # 7. final evaluation and the model in Hugging Face format ---------------------------------------------------
     metrics.update(evaluate())
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
-    policy.model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        policy.save(ctx.dir)
+        policy.unwrapped(accelerator).save(ctx.dir)
     accelerator.wait_for_everyone()
     return metrics

@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from rlhf.config import ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
+from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import collate_sft, load_prompts, load_records, tokenize_sft
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import sft_loss, sft_loss_weights
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    is_due, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, peak_rss_gb,
-    progress_axes, resume_state, save_checkpoint, sync_unless_last,
+    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    resume_state, sync_unless_last,
 )
 from rlhf.tracking import progress
 
@@ -30,14 +30,9 @@ class SFTData(Section):
     gold_prompts: str | None = Field(
         "data/demo/eval_prompts.jsonl", description="held-out prompts with task/meta, scored by the world's gold scorers"
     )
-    gold_limit: int | None = Field(None, description="use at most this many gold prompts (null = all)")
+    gold_limit: int | None = Field(None, ge=1, description="use at most this many gold prompts (null = all)")
     max_length: int = Field(128, ge=2, description="tokens per sequence; longer completions are cut on the right")
     skip_overlong_prompts: bool = Field(False, description="drop (instead of failing on) prompts longer than max_length")
-
-
-class GenerationSettings(Section):
-    max_new_tokens: int = Field(48, ge=1, description="response budget for gold evaluation")
-    batch_size: int = Field(64, ge=1, description="prompts per generate call")
 
 
 class Config(StageConfig):
@@ -95,8 +90,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if eval_set:
             metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device)
         if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
-            bare = PolicyModel(accelerator.unwrap_model(model), tokenizer)
-            metrics.update(evaluate_gold(bare, gold_prompts, **cfg.generation.model_dump()))
+            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.generation))
         model.train()
         return metrics
 
@@ -116,31 +110,20 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 loss, _ = sft_loss(logits, batch["input_ids"], w, normalizer)
                 accelerator.backward(loss)
             loss_sum += loss.item()
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, loss=loss_sum)
 
         tokens = int(sum(b["attention_mask"].sum() for b in micro)) * accelerator.num_processes
         counters["samples"] += sum(len(b["input_ids"]) for b in micro) * accelerator.num_processes
         counters["tokens"] += tokens
-        done = step + 1
-        lap = timer.lap()
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            ctx.tracker.log({
-                "loss/total": loss_sum, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                "perf/step_seconds": lap, "perf/tokens_per_s": tokens / max(lap, 1e-9), "perf/peak_rss_gb": peak_rss_gb(),
-                **progress_axes(counters, timer),
-            }, step=done)
-        if is_due(cfg.train.eval_every, done, cfg.train.max_steps):
-            ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
-        if is_due(cfg.train.save_every, done, cfg.train.max_steps):
-            save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
+        end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, evaluate=evaluate, metrics={
+            "loss/total": loss_sum, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm})
         metrics["loss/total"] = loss_sum
 
     # 7. final evaluation and the model in Hugging Face format ---------------------------------------------------
     metrics.update(evaluate())
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
-    policy.model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        policy.save(ctx.dir, merged=cfg.save_merged)
+        policy.unwrapped(accelerator).save(ctx.dir, merged=cfg.save_merged)
     accelerator.wait_for_everyone()
     return metrics
 

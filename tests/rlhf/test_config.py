@@ -5,7 +5,7 @@ import yaml
 
 from rlhf.config import load_config, parse_overrides
 from rlhf.errors import UserError
-from rlhf.pipeline import STAGES, PipelineConfig, load_pipeline
+from rlhf.pipeline import STAGES, PipelineConfig, load_pipeline, recipe
 from rlhf.recipes import sft
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,9 +60,9 @@ def test_every_config_loads_into_its_schema_and_documents_itself(path):
         assert isinstance(cfg, PipelineConfig)
         for spec in cfg.stages:
             if spec.config:
-                load_config(STAGES[spec.kind].Config, ROOT / spec.config)
+                load_config(recipe(spec.kind).Config, ROOT / spec.config)
         return
     kind = path.parent.name
     if kind not in STAGES:
         pytest.skip(f"{kind} configs are validated by their own package's tests")
-    load_config(STAGES[kind].Config, path)
+    load_config(recipe(kind).Config, path)

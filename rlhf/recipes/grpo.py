@@ -1,0 +1,319 @@
+"""GRPO and the critic-free family (Dr. GRPO, RLOO, REINFORCE++) on one loop.
+
+For P prompts per step, sample G completions each, score them, turn the scores into advantages, then take μ passes
+over the rollout in shuffled minibatches of the clipped surrogate plus β·KL(π‖π_ref) per token:
+
+    L = agg_t[ −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β·KL_t ],   ρ_t = π(y_t) / π_old(y_t)
+
+(Shao et al. 2024, DeepSeekMath eq. 3; clip-higher and token-mean from DAPO, Yu et al. 2025; unscaled advantages
+and a constant normalizer from Dr. GRPO, Liu et al. 2025; the sequence ratio from GSPO, Zheng et al. 2025.)
+The estimators differ only in the advantage and in where the KL goes:
+
+    grpo          A_i = (r_i − mean_group) / std_group          KL in the loss (k3 by default)
+    dr_grpo       A_i = r_i − mean_group                        KL in the loss, Σ/(rows·max_len) aggregation
+    rloo          A_i = r_i − mean of the other G − 1           KL in the loss (or in the reward)
+    reinforce_pp  whitened returns of −β·k1 per token + score   KL in the reward, by definition (Hu 2025)
+
+Steps: 1 accelerator → 2 policy (+ LoRA; reference = adapters off) → 3 prompts and rewards → 4 optimizer →
+5 resume → 6 loop: rollout, advantages, μ × minibatch updates, log / eval / checkpoint → 7 final eval and save.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rlhf.advantages import (
+    AdaptiveKLController, FixedKLController, group_normalized, kl_shaped_rewards, reinforce_pp, rloo,
+)
+from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
+from rlhf.data import load_prompts, prompt_text
+from rlhf.errors import UserError
+from rlhf.evaluation import evaluate_gold
+from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
+from rlhf.ops import kl_k1, masked_mean
+from rlhf.policy import PolicyModel
+from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
+from rlhf.rollout import make_experience
+from rlhf.stage import StageContext
+from rlhf.tracking import progress
+from rlhf.training import (
+    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    resume_state, sync_unless_last,
+)
+from rlhf.types import Experience, cat_rollouts
+from reward_models.scoring import RewardComponent, Scorer
+
+class GRPOLoss(Section):
+    """The estimator and the surrogate."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field("grpo", description="advantage estimator")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="grpo: divide by the group's std, the batch's, or nothing (null = group; dr_grpo: none)")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = Field(
+        None, description="loss aggregation (null = token_mean as DAPO and TRL; dr_grpo: seq_mean_token_sum_norm)")
+    eps_low: float = Field(0.2, gt=0.0, lt=1.0, description="clip the ratio below at 1 − eps_low")
+    eps_high: float = Field(0.2, gt=0.0, description="clip the ratio above at 1 + eps_high (DAPO's clip-higher: 0.28)")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="per-token ratio, or GSPO's sequence ratio")
+    mask_truncated: bool = Field(False, description="completions cut at max_new_tokens get no gradient (DAPO overlong filtering)")
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards all tie and refill the batch (DAPO)")
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: at most this many rollouts per step")
+
+
+class Config(StageConfig):
+    """`rlhf grpo`: GRPO-family RL (grpo | dr_grpo | rloo | reinforce_pp) with rule rewards and/or reward models."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="the policy (an SFT stage's output)")
+    data: PromptData = Field(default_factory=PromptData, description="training prompts")
+    rewards: list[RewardComponent] = Field(
+        default_factory=lambda: [RewardComponent(name="correct", rule="verifiable")],
+        description="reward components summed with their weights (rules and/or reward models)")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="rollout sampling (n = group size G)")
+    rl: RLSettings = Field(default_factory=RLSettings, description="prompts per step, epochs μ, minibatches, micro-batches")
+    loss: GRPOLoss = Field(default_factory=GRPOLoss, description="estimator and surrogate")
+    kl: KLSettings = Field(default_factory=KLSettings, description="KL to the reference")
+    train: LoopSettings = Field(default_factory=LoopSettings, description="steps and the cadence of log / eval / checkpoint")
+    optim: OptimSettings = Field(default_factory=lambda: OptimSettings(lr=1e-5, schedule="constant"), description="AdamW")
+    eval: RLEvalSettings = Field(default_factory=RLEvalSettings, description="held-out evaluation")
+    samples_every: int = Field(10, ge=0, description="write sampled completions (JSONL + W&B table) every N steps (0 = never)")
+    save_merged: bool = Field(False, description="with LoRA, also write the merged full model (else the adapter)")
+
+
+def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
+    # 1. accelerator and seed ---------------------------------------------------------------------------------
+    accelerator = make_accelerator(cfg.train, cfg.seed)
+    adv_name = cfg.loss.advantage
+    scale = cfg.loss.scale_rewards or ("none" if adv_name == "dr_grpo" else "group")
+    agg = cfg.loss.aggregation or ("seq_mean_token_sum_norm" if adv_name == "dr_grpo" else "token_mean")
+    kl_in_reward = cfg.kl.in_reward or adv_name == "reinforce_pp"  # REINFORCE++ shapes token rewards by definition
+    beta_on = cfg.kl.beta > 0
+    updates_per_step = cfg.rl.epochs * cfg.rl.minibatches
+    if cfg.sampling.n < 2 and adv_name != "reinforce_pp":
+        raise UserError(f"config key 'sampling.n' must be ≥ 2 for '{adv_name}' (its baseline is the rest of the group)")
+
+    # 2. policy; with LoRA the reference is the same weights with adapters disabled, else a frozen copy --------------
+    policy = PolicyModel.load(cfg.model, with_reference=beta_on, seed=cfg.seed)
+    tokenizer = policy.tokenizer
+
+    # 3. prompts and the scoring interface ----------------------------------------------------------------------
+    records = _prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer)
+    if len(records) < cfg.rl.prompts_per_step:
+        raise UserError(f"{cfg.data.prompts}: {len(records)} prompts, fewer than rl.prompts_per_step={cfg.rl.prompts_per_step}")
+    scorer = Scorer(cfg.rewards, device=policy.device)
+    eval_records = _prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer) if cfg.eval.prompts else []
+    eval_scorer = Scorer(cfg.eval.rewards, device=policy.device) if cfg.eval.rewards else scorer
+
+    # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------
+    optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
+    policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    model = policy.model
+
+    # 5. resume: weights, optimizer, scheduler, RNG and β; prompts and sampling seeds are functions of the step -------
+    start, counters, timer = resume_state(accelerator, ctx)
+    if cfg.kl.target is not None:
+        kl_ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
+    else:
+        kl_ctl = FixedKLController(cfg.kl.beta)
+    if "kl_coef" in counters:
+        kl_ctl.load_state_dict({"value": counters.pop("kl_coef")})
+
+    def evaluate() -> dict[str, float]:
+        if not eval_records:
+            return {}
+        score_fn = _score_fn(eval_scorer)
+        return evaluate_gold(policy.unwrapped(accelerator), eval_records, cfg.eval.generation, score_fn, seed=cfg.seed)
+
+    # 6. the loop -----------------------------------------------------------------------------------------------
+    model.train()
+    metrics: dict[str, float] = {}
+    for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
+        # 6.1 rollout: P prompts × G completions, scored; old / reference log-probs (no grad) ------------------
+        exp, rounds, zero_std_frac = _rollout(cfg, step, records, policy.unwrapped(accelerator), scorer, accelerator,
+                                              need_old=updates_per_step > 1 or kl_in_reward, need_ref=beta_on)
+        mask = exp.response_mask
+        loss_mask = mask & exp.rollout.ended[:, None] if cfg.loss.mask_truncated else mask
+
+        # 6.2 advantages (the estimators are pure functions; the KL goes into the reward or into the loss) ----------
+        seq_kl = kl_k1(exp.old_logprobs, exp.ref_logprobs) * mask if beta_on and exp.old_logprobs is not None else None
+        beta = kl_ctl.value
+        if adv_name == "reinforce_pp":
+            kl = seq_kl if seq_kl is not None else torch.zeros_like(mask, dtype=torch.float32)
+            exp.advantages, exp.returns = reinforce_pp(kl_shaped_rewards(exp.scores, kl, mask, beta), mask)
+        else:
+            rewards = exp.scores - beta * seq_kl.sum(-1) if kl_in_reward and seq_kl is not None else exp.scores
+            if adv_name == "rloo":
+                exp.advantages = rloo(rewards, exp.rollout.prompt_index)
+            else:
+                exp.advantages = group_normalized(rewards, exp.rollout.prompt_index, scale=scale)
+
+        # 6.3 μ epochs × minibatches of the clipped surrogate (+ β·KL in the loss), micro-batched -----------------
+        sums: dict[str, float] = {}
+        n_micro = 0
+        # KL(π_old‖π_ref) per row for the logs and the adaptive β: from the stored old log-probs, or (on-policy) from
+        # the first pass, whose log-probs are π_old's
+        row_kl = seq_kl.sum(-1) if seq_kl is not None else torch.zeros(len(exp), device=mask.device)
+        update_started = time.perf_counter()
+        for epoch in range(cfg.rl.epochs):
+            order = torch.randperm(len(exp), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + epoch))
+            for mb in order.chunk(cfg.rl.minibatches):
+                micro = mb.split(cfg.rl.micro_batch_size)
+                # one global normalizer over the minibatch's micro-batches (and processes): accumulation = one batch
+                local = sum(aggregate_normalizer(loss_mask[m], agg, max_len=cfg.sampling.max_new_tokens) for m in micro)
+                normalizer = accelerator.reduce(torch.as_tensor(float(local), device=accelerator.device), "sum")
+                normalizer = normalizer / accelerator.num_processes
+                for i, rows in enumerate(micro):
+                    part = exp.select(rows)
+                    with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
+                        loss, stats, old = _policy_loss(policy, part, loss_mask[rows], cfg, agg, normalizer, beta, kl_in_reward)
+                        accelerator.backward(loss)
+                    if epoch == 0 and beta_on and seq_kl is None:
+                        row_kl[rows] = (kl_k1(old, part.ref_logprobs) * part.response_mask).sum(-1)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    n_micro += 1
+                sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + optimizer_step(
+                    accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm) * len(micro)
+
+        update_seconds = time.perf_counter() - update_started
+
+        # 6.4 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
+        if beta_on:
+            kl_ctl.update(float(row_kl.mean()), len(exp) * accelerator.num_processes)
+        tokens = int(mask.sum()) * accelerator.num_processes
+        counters["samples"] += len(exp) * accelerator.num_processes
+        counters["tokens"] += tokens
+        step_metrics = {
+            "train/reward": float(exp.scores.mean()),
+            "train/reward_std": float(exp.scores.std()) if len(exp) > 1 else 0.0,
+            "train/frac_zero_std_groups": zero_std_frac,
+            "train/response_length": float(exp.rollout.lengths.float().mean()),
+            "train/truncated_frac": 1.0 - float(exp.rollout.ended.float().mean()),
+            "train/advantage_abs": float(masked_mean(exp.advantages.abs() if exp.advantages.dim() == 2
+                                                      else exp.advantages.abs()[:, None].expand_as(mask), mask)),
+            "train/kl_coef": beta, "train/sampling_rounds": rounds, "train/lr": scheduler.get_last_lr()[0],
+            **{k: v / n_micro for k, v in sums.items()},
+            **{f"reward/{k}": float(v.mean()) for k, v in exp.components.items()},
+            **{f"perf/{k}_seconds": v for k, v in exp.timings.items()},
+        }
+        if beta_on:
+            step_metrics["train/kl"] = float(row_kl.mean())
+            step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
+        step_metrics["perf/update_seconds"] = update_seconds
+        if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
+            _log_samples(ctx, exp, step + 1)
+        end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
+                    evaluate=evaluate, state={"kl_coef": kl_ctl.value})
+        metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
+
+    # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
+    metrics.update(evaluate())
+    ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
+    if accelerator.is_main_process:
+        policy.unwrapped(accelerator).save(ctx.dir, merged=cfg.save_merged)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _policy_loss(policy, part: Experience, loss_mask, cfg: Config, agg: str, normalizer, beta: float, kl_in_reward: bool):
+    """The aggregated loss of one micro-batch, its detached stats, and the old log-probs it used."""
+    out = policy.forward(part.rollout, temperature=cfg.sampling.temperature, with_entropy=True)
+    old = part.old_logprobs if part.old_logprobs is not None else out.logprobs.detach()  # on-policy: ratio exactly 1
+    per_token, stats = clipped_surrogate(out.logprobs, old, part.advantages, loss_mask, eps_low=cfg.loss.eps_low,
+                                         eps_high=cfg.loss.eps_high, ratio_level=cfg.loss.ratio_level)
+    policy_loss = aggregate(per_token, loss_mask, agg, normalizer, max_len=cfg.sampling.max_new_tokens)
+    loss = policy_loss
+    metrics = {"loss/policy": policy_loss.detach(), "train/entropy": masked_mean(out.entropy.detach(), part.response_mask),
+               **{f"train/{k}": v for k, v in stats.items()}}
+    if beta > 0 and not kl_in_reward:
+        ratio = importance_ratio(out.logprobs, old, loss_mask, cfg.loss.ratio_level) if cfg.kl.importance_weighted else None
+        kl = kl_penalty(out.logprobs, part.ref_logprobs, cfg.kl.estimator, importance_ratio=ratio)
+        kl_loss = aggregate(kl, loss_mask, agg, normalizer, max_len=cfg.sampling.max_new_tokens)
+        loss = loss + beta * kl_loss
+        metrics["loss/kl"] = kl_loss.detach()
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics, old
+
+
+def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, need_old: bool, need_ref: bool):
+    """One step's experience: P prompts × G completions. With dynamic sampling, groups whose rewards all tie (zero
+    advantage, no gradient) are dropped and more prompts are sampled, up to `max_sampling_rounds` rollouts; the
+    prompts of round r are a function of (seed, step, r), so a resumed run samples the same.
+    Returns (experience, rounds, fraction of zero-std groups in the first round)."""
+    kept: list[Experience] = []
+    n_groups, zero_frac, rounds = 0, 0.0, 0
+    max_rounds = cfg.loss.max_sampling_rounds if cfg.loss.dynamic_sampling else 1
+    for rnd in range(max_rounds):
+        idx = micro_batch_indices(len(records), cfg.rl.prompts_per_step, step * max_rounds + rnd, cfg.seed,
+                                  accelerator.process_index, accelerator.num_processes)
+        batch = [records[i] for i in idx]
+        exp = make_experience(policy, scorer, batch, cfg.sampling, seed=cfg.seed * 1_000_003 + step * 1009 + rnd,
+                              with_old_logprobs=need_old, with_reference=need_ref, micro_batch_size=cfg.rl.micro_batch_size)
+        rounds += 1
+        groups = exp.scores.view(-1, cfg.sampling.n)
+        varied = (groups.max(1).values - groups.min(1).values) > 1e-6
+        if rnd == 0:
+            zero_frac = 1.0 - float(varied.float().mean())
+        if not cfg.loss.dynamic_sampling:
+            return exp, rounds, zero_frac
+        rows = torch.nonzero(varied.repeat_interleave(cfg.sampling.n)).flatten()
+        if len(rows):
+            kept.append(exp.select(rows))
+            n_groups += int(varied.sum())
+        if n_groups >= cfg.rl.prompts_per_step:
+            break
+    if not kept:  # every group tied in every round: train on the last rollout (its advantages are all zero)
+        return exp, rounds, zero_frac
+    merged = _cat_experiences(kept, policy.tokenizer.pad_token_id)
+    merged = merged.select(list(range(min(len(merged), cfg.rl.prompts_per_step * cfg.sampling.n))))
+    return merged, rounds, zero_frac
+
+
+def _cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:
+    """Rows of several experiences as one (responses right-padded to the widest: extra positions do not count)."""
+    if len(parts) == 1:
+        return parts[0]
+    rollout = cat_rollouts([p.rollout for p in parts], pad_token_id)
+    width = rollout.response_ids.size(1)
+
+    def cat(name):
+        tensors = [getattr(p, name) for p in parts]
+        if tensors[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1))) for t in tensors])
+
+    timings = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
+    return Experience(rollout=rollout, scores=torch.cat([p.scores for p in parts]),
+                      components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
+                      old_logprobs=cat("old_logprobs"), ref_logprobs=cat("ref_logprobs"), timings=timings)
+
+
+def _prompts(source: str, tasks: list[str] | None, limit: int | None, tokenizer) -> list[dict]:
+    """Prompt records with `prompt` as text (chat-message prompts rendered with the tokenizer's template)."""
+    records = load_prompts(source)
+    if tasks is not None:
+        records = [r for r in records if r.get("task") in tasks]
+        if not records:
+            raise UserError(f"{source}: no prompt has a task in {tasks}")
+    records = records[:limit]
+    for r in records:
+        r["prompt"] = prompt_text(r, tokenizer)
+    return records
+
+
+def _score_fn(scorer: Scorer):
+    def score(prompts, completions, rows, ended):
+        return scorer.score(prompts, completions, rows, ended=ended).total.tolist()
+    return score
+
+
+def _log_samples(ctx: StageContext, exp: Experience, step: int, limit: int = 16) -> None:
+    """A few sampled completions with their rewards and advantages (samples.jsonl and a W&B table)."""
+    adv = exp.advantages if exp.advantages.dim() == 1 else (exp.advantages * exp.response_mask).sum(-1)
+    rows = [{"prompt": exp.rollout.prompts[i], "completion": exp.rollout.completions[i],
+             "reward": round(float(exp.scores[i]), 4), "advantage": round(float(adv[i]), 4)}
+            for i in range(min(limit, len(exp)))]
+    ctx.tracker.log_samples(rows, step=step)
