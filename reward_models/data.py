@@ -11,6 +11,13 @@ plus two optional fields: `margin` (float, the score gap the pair should have, L
 and `tie` (bool, the annotator saw no difference; trained with the symmetric loss for label ½). Any other field
 (`task`, `meta`, ...) rides along untouched. Rows come from `rlhf.data.load_records` (JSONL, parquet, a
 `datasets.save_to_disk` directory or a hub id), so every error names `file:line` and the field.
+
+Implicit prompts (no `prompt`, or an empty one) are split off the two responses as TRL's `extract_prompt` does, at
+the last turn boundary both responses share (`split_implicit_prompt`): conversation transcripts in text
+(`"\n\nHuman: ...\n\nAssistant: ..."`, the form of several published preference sets) end their prompt with the
+last `"\n\nAssistant:"` both share; message lists keep their common leading messages up to the last assistant turn
+both share. So the held-out split by prompt, truncation and an encoder's (prompt, response) text pair all see the
+real prompt.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreferencePair:
-    """One validated pair, with conversations already rendered to text (`prompt` is "" for implicit prompts)."""
+    """One validated pair, with conversations already rendered to text (an implicit prompt already split off)."""
 
     prompt: str
     chosen: str
@@ -71,13 +78,21 @@ def parse_pair(record: Record, tokenizer=None) -> PreferencePair:
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"'{k}' is {v}" for k, v in kinds.items())
         raise UserError(f"{record.origin}: fields mix text and conversation ({listed}); use one format per row")
-    if kinds["chosen"] == "conversation":
-        prompt, chosen, rejected = _render_conversation(record, tokenizer)
-    else:
-        prompt, chosen, rejected = record.get("prompt") or "", record["chosen"], record["rejected"]
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
+    implicit = not record.get("prompt")
+    for name in ("chosen", "rejected"):  # an implicit-prompt field holds prompt + response: it must not be blank
+        if implicit and kinds[name] == "text" and not record[name].strip():
             raise UserError(f"{record.origin}: field '{name}' is an empty response")
+    fields = {"prompt": record.get("prompt") or "", "chosen": record["chosen"], "rejected": record["rejected"]}
+    if implicit:
+        fields = dict(zip(("prompt", "chosen", "rejected"), split_implicit_prompt(record["chosen"], record["rejected"])))
+    if kinds["chosen"] == "conversation":
+        prompt, chosen, rejected = _render_conversation(fields, record.origin, tokenizer)
+    else:
+        prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
+    if not implicit:  # a split-off response may be empty: the assistant said nothing, which annotators compared
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise UserError(f"{record.origin}: field '{name}' is an empty response")
     margin = record.get("margin")
     if margin is None:
         margin = 0.0
@@ -106,26 +121,65 @@ def _kind(record: Record, name: str) -> str:
     )
 
 
-def _render_conversation(record: Record, tokenizer) -> tuple[str, str, str]:
+TRANSCRIPT_TURN = "\n\nAssistant:"  # where an assistant turn starts in a "\n\nHuman: ...\n\nAssistant: ..." transcript
+
+
+def split_implicit_prompt(chosen: str | list[dict], rejected: str | list[dict]) -> tuple:
+    """(prompt, chosen, rejected) of an implicit-prompt pair: the shared start of both responses, cut at the last
+    turn boundary both share, and the two remainders. TRL's `extract_prompt` semantics, at turn boundaries:
+
+    text transcript: the prompt ends with the last "\n\nAssistant:" inside the common prefix, so each response is
+        the rest of the text (" I can help ...", including any later turns of that branch);
+    other text: the common prefix, backed off to the last whitespace so no word is split (the response keeps the
+        leading space; no whitespace in the common prefix: no prompt);
+    message lists: the common leading messages, up to (not including) the last assistant message both responses
+        have at one position: [user, assistant_c] vs [user, assistant_r] -> [user], [assistant_c], [assistant_r].
+
+    A response may come out empty when one side is a prefix of the other (the assistant's turn is empty).
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str):
+        shared = chosen[:n]
+        turn = shared.rfind(TRANSCRIPT_TURN)
+        if turn >= 0:
+            end = turn + len(TRANSCRIPT_TURN)
+        else:
+            end = max((i for i, c in enumerate(shared) if c.isspace()), default=0)
+            while end > 0 and shared[end - 1].isspace():  # a run of whitespace goes to the response whole
+                end -= 1
+    else:
+        both = [i for i in range(min(len(chosen), len(rejected)))
+                if i <= n and chosen[i]["role"] == "assistant" and rejected[i]["role"] == "assistant"]
+        end = both[-1] if both else n
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _render_conversation(fields: dict, origin: str, tokenizer) -> tuple[str, str, str]:
     """Conversation -> (prompt, chosen, rejected) text. With a chat template this is TRL's own
     `maybe_apply_chat_template` (prompt rendered with the generation prompt, responses as the continuation);
     without one (e.g. a BERT encoder) each message becomes a "role: content" line."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         from trl.data_utils import maybe_apply_chat_template
 
-        row = {k: record[k] for k in ("prompt", "chosen", "rejected") if record.get(k) is not None}
+        row = {"chosen": fields["chosen"], "rejected": fields["rejected"]}
+        if fields["prompt"]:
+            row["prompt"] = fields["prompt"]
         try:
             out = maybe_apply_chat_template(row, tokenizer)
         except Exception as exc:  # jinja raises its own types for malformed messages
-            raise UserError(f"{record.origin}: chat template failed on this conversation ({exc})") from None
+            raise UserError(f"{origin}: chat template failed on this conversation ({exc})") from None
         return out.get("prompt", ""), out["chosen"], out["rejected"]
 
     def lines(messages: list[dict]) -> str:
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
-    prompt = lines(record["prompt"]) if record.get("prompt") else ""
+    prompt = lines(fields["prompt"]) if fields["prompt"] else ""
     joiner = "\n" if prompt else ""
-    return prompt, joiner + lines(record["chosen"]), joiner + lines(record["rejected"])
+    return prompt, joiner + lines(fields["chosen"]), joiner + lines(fields["rejected"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,26 +194,71 @@ class Encoded:
     token_type_ids: list[int] | None = None
 
 
-def encode_response(tokenizer, backbone: str, prompt: str, completion: str, max_length: int) -> tuple[Encoded, bool]:
-    """Tokenize what the reward model reads for one (prompt, response). Returns (encoded, was_truncated).
+PROMPT_FLOOR = 0.25  # share of an encoder's token budget kept for the end of the prompt when the response is long
 
+
+@dataclass(frozen=True)
+class Truncation:
+    """Tokens one scored sequence lost to max_length: from the start of the prompt and from the response.
+    Falsy when nothing was cut."""
+
+    prompt: int = 0
+    response: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.prompt or self.response)
+
+
+def encode_response(tokenizer, backbone: str, prompt: str, completion: str, max_length: int) -> tuple[Encoded, Truncation]:
+    """Tokenize what the reward model reads for one (prompt, response). Returns (encoded, what was cut).
+
+    Both backbones keep the end of the prompt (the latest turns, the context that matters most) and the whole
+    response when it fits:
     decoder: BOS + prompt + response + EOS as one sequence (TRL `RewardTrainer` appends EOS the same way), so the
-        score is read at the EOS. Too long -> the oldest tokens are dropped: the score head reads the end.
+        score is read at the EOS. Too long -> the oldest tokens are dropped: the score head reads the end; a
+        response longer than max_length loses its start.
     encoder: "[CLS] prompt [SEP] response [SEP]" as a text pair with segment ids, the cross-encoder input BERT
-        was pretrained on; too long -> the longer side is cut (tokenizer "longest_first").
+        was pretrained on. Too long -> the prompt is cut from the left; a response too long to fit beside the last
+        `PROMPT_FLOOR` of the budget's worth of prompt tokens is cut from the right to make room for them.
     """
     if backbone == "decoder":
         ids = encode_prompt(prompt + completion, tokenizer)
         if ids[-1] != tokenizer.eos_token_id:  # a chat template may have written the EOS already
             ids.append(tokenizer.eos_token_id)
-        return Encoded(ids[-max_length:]), len(ids) > max_length
-    if prompt:
-        full = tokenizer(prompt, completion, truncation=False)["input_ids"]
-        enc = tokenizer(prompt, completion, truncation="longest_first", max_length=max_length)
-    else:
-        full = tokenizer(completion, truncation=False)["input_ids"]
+        over = len(ids) - max_length
+        if over <= 0:
+            return Encoded(ids), Truncation()
+        n_prompt = len(encode_prompt(prompt, tokenizer))  # with BOS; the prompt / response seam is approximate
+        return Encoded(ids[-max_length:]), Truncation(min(over, n_prompt), max(0, over - n_prompt))
+    if not prompt:
+        full = tokenizer(completion, truncation=False)
+        over = len(full["input_ids"]) - max_length
+        if over <= 0:
+            return Encoded(full["input_ids"], full.get("token_type_ids")), Truncation()
         enc = tokenizer(completion, truncation=True, max_length=max_length)
-    return Encoded(enc["input_ids"], enc.get("token_type_ids")), len(full) > max_length
+        return Encoded(enc["input_ids"], enc.get("token_type_ids")), Truncation(0, over)
+    full = tokenizer(prompt, completion, truncation=False, return_special_tokens_mask=True)
+    ids, types = full["input_ids"], full.get("token_type_ids")
+    if len(ids) <= max_length:
+        return Encoded(ids, types), Truncation()
+    if full.encodings is not None:  # a fast tokenizer says which text each token came from
+        side = full.sequence_ids(0)  # 0 prompt, 1 response, None special tokens
+    else:  # a python one: the prompt's own tokens come first, then the response's, between special tokens
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        order = iter(range(len(ids)))
+        side = [None if special else (0 if next(order) < n_prompt else 1) for special in full["special_tokens_mask"]]
+    n_prompt, n_response = side.count(0), side.count(1)
+    budget = max_length - side.count(None)
+    keep_response = min(n_response, budget - min(n_prompt, int(budget * PROMPT_FLOOR)))
+    keep_prompt = min(n_prompt, budget - keep_response)
+    keep, seen = [], {0: 0, 1: 0}
+    for i, s in enumerate(side):
+        if s is not None:
+            seen[s] += 1
+        if s is None or (s == 0 and seen[0] > n_prompt - keep_prompt) or (s == 1 and seen[1] <= keep_response):
+            keep.append(i)
+    encoded = Encoded([ids[i] for i in keep], None if types is None else [types[i] for i in keep])
+    return encoded, Truncation(n_prompt - keep_prompt, n_response - keep_response)
 
 
 def pad_right(encoded: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -188,17 +287,42 @@ class TokenizedPair:
     label: float
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, backbone: str, max_length: int) -> list[TokenizedPair]:
-    """Tokenize every pair for training; truncated pairs are counted in one warning."""
-    out, truncated = [], 0
+@dataclass
+class TruncationReport:
+    """What max_length cut from a set of pairs: pairs with any sequence cut, pairs whose prompt lost its start (in
+    either response's sequence), and responses (two per pair) that had to be cut themselves."""
+
+    pairs: int = 0
+    max_length: int = 0
+    truncated_pairs: int = 0
+    prompts_cut: int = 0
+    responses_cut: int = 0
+
+    def add(self, chosen: Truncation, rejected: Truncation) -> None:
+        self.pairs += 1
+        self.truncated_pairs += bool(chosen or rejected)
+        self.prompts_cut += bool(chosen.prompt or rejected.prompt)
+        self.responses_cut += bool(chosen.response) + bool(rejected.response)
+
+    def summary(self) -> str:
+        return (f"{self.truncated_pairs} of {self.pairs} pairs longer than max_length={self.max_length}: "
+                f"{self.prompts_cut} prompts cut from the left, {self.responses_cut} of {2 * self.pairs} responses cut")
+
+    def metrics(self, prefix: str = "data/") -> dict[str, float]:
+        return {f"{prefix}truncated_pairs": float(self.truncated_pairs), f"{prefix}prompts_cut": float(self.prompts_cut),
+                f"{prefix}responses_cut": float(self.responses_cut)}
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, backbone: str,
+                   max_length: int) -> tuple[list[TokenizedPair], TruncationReport]:
+    """Tokenize every pair for training. Returns the pairs and what truncation cut (`TruncationReport.summary()`)."""
+    out, report = [], TruncationReport(max_length=max_length)
     for p in pairs:
         chosen, cut_c = encode_response(tokenizer, backbone, p.prompt, p.chosen, max_length)
         rejected, cut_r = encode_response(tokenizer, backbone, p.prompt, p.rejected, max_length)
-        truncated += cut_c or cut_r
+        report.add(cut_c, cut_r)
         out.append(TokenizedPair(chosen, rejected, p.margin, p.label))
-    if truncated:
-        log.warning("%d of %d pairs were longer than max_length=%d and were truncated", truncated, len(pairs), max_length)
-    return out
+    return out, report
 
 
 def group_by_prompt(pairs: list[PreferencePair]) -> list[list[int]]:

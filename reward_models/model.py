@@ -121,9 +121,14 @@ class RewardModel(nn.Module):
                 raise UserError("the auxiliary LM loss (loss.lm_coef > 0) needs a decoder backbone")
             from transformers import AutoModelForSequenceClassification
 
-            hf = _quietly(AutoModelForSequenceClassification.from_pretrained, path, num_labels=1,
-                          dtype=getattr(torch, dtype))
-            tok = AutoTokenizer.from_pretrained(tok_path)
+            from rlhf.policy import check_model_dir, loading
+
+            check_model_dir(path)
+            with loading(path, "encoder"):
+                hf = _quietly(AutoModelForSequenceClassification.from_pretrained, path, num_labels=1,
+                              dtype=getattr(torch, dtype))
+            with loading(tok_path, "tokenizer"):
+                tok = AutoTokenizer.from_pretrained(tok_path)
             lm_head = None
         else:
             from rlhf.policy import add_special_tokens, load_causal_lm, load_tokenizer
@@ -143,12 +148,15 @@ class RewardModel(nn.Module):
         """A trained reward model saved by `save` (or any HF sequence classifier with num_labels=1)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from rlhf.policy import loading
+
         path = resolve_model_path(path)
         config = _load_config(path)
         if getattr(config, "num_labels", None) != 1:
             raise UserError(f"{path}: not a reward model (num_labels={getattr(config, 'num_labels', None)}, need 1)")
-        hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
-        tok = AutoTokenizer.from_pretrained(path)
+        with loading(path, "reward model"):
+            hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+            tok = AutoTokenizer.from_pretrained(path)
         return cls(hf, tok, backbone_kind(config), max_length=max_length)
 
     # -- scores -------------------------------------------------------------------------------------------------
@@ -249,12 +257,16 @@ class RewardModel(nn.Module):
 def _load_config(path: str):
     from transformers import AutoConfig
 
-    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().is_dir():
+    from rlhf.policy import check_model_dir, loading
+
+    local = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) and not local.exists():
         raise UserError(f"model path not found: {path}")
-    try:
+    if local.exists() and not local.is_dir():
+        raise UserError(f"model path {path} is a file, not a model directory")
+    check_model_dir(path)  # names what a local directory lacks (config.json, weights) before transformers does
+    with loading(path, "model"):  # a path that is neither local nor a hub id: "model path not found"
         return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not read a model config from '{path}' ({str(exc).splitlines()[0]})") from None
 
 
 def _quietly(fn, *args, **kwargs):
@@ -297,6 +309,9 @@ def _apply_lora(model, lora: LoraSettings):
     """LoRA on the trunk; the score head is trained in full (peft's SEQ_CLS task saves `score` / `classifier`)."""
     from peft import LoraConfig, get_peft_model
 
+    from rlhf.policy import check_lora_targets
+
+    check_lora_targets(model, lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="SEQ_CLS")
     peft_model = get_peft_model(model, config)

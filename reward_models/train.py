@@ -28,8 +28,8 @@ from rlhf.losses import lm_loss
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    is_due, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, peak_rss_gb,
-    progress_axes, resume_state, save_checkpoint, sync_unless_last,
+    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    resume_state, sync_unless_last,
 )
 from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
 from reward_models.evaluation import evaluate_pairs, plot_score_histogram
@@ -152,11 +152,15 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             p.margin = 0.0
 
     # 4. tokenization: chosen and rejected of a micro-batch go through the model as one (2B, L) batch -----------
-    train_set = tokenize_pairs(pairs, tokenizer, rm.backbone, cfg.model.max_length)
+    # truncation keeps the end of each prompt and whole responses where they fit; what it cut is reported apart
+    train_set, cut = tokenize_pairs(pairs, tokenizer, rm.backbone, cfg.model.max_length)
+    _, eval_cut = tokenize_pairs(eval_pairs, tokenizer, rm.backbone, cfg.model.max_length)  # scored the same way
+    data_metrics = {**cut.metrics("data/"), **eval_cut.metrics("data/eval_")}
     # the unit of a batch: one pair, or every pair of one prompt
     units = group_by_prompt(pairs) if cfg.data.group_by_prompt else [[i] for i in range(len(pairs))]
     print(f"{ctx.name}: {len(train_set)} training pairs ({len(units)} batch units), {len(eval_pairs)} held out, "
           f"{sum(p.tie for p in pairs)} ties in training")
+    print(f"{ctx.name}: training: {cut.summary()}; held out: {eval_cut.summary()}")
 
     # 5. optimizer and schedule, prepared by accelerate ------------------------------------------------------------
     optimizer = make_optimizer(rm.parameters(), cfg.optim)
@@ -212,24 +216,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 accelerator.backward(loss)
             for key, value in {"loss/total": loss.detach() / share, **stats}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * share
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm,
+                                   loss=totals["loss/total"])
 
         tokens = int(sum(b["attention_mask"].sum() for b in micro)) * accelerator.num_processes
         counters["samples"] += sum(len(b["label"]) for b in micro) * accelerator.num_processes
         counters["tokens"] += tokens
-        done = step + 1
-        lap = timer.lap()
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            ctx.tracker.log({
-                **totals, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                "perf/step_seconds": lap, "perf/tokens_per_s": tokens / max(lap, 1e-9),
-                "perf/pairs_per_s": sum(len(b["label"]) for b in micro) / max(lap, 1e-9),
-                "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
-            }, step=done)
-        if is_due(cfg.train.eval_every, done, cfg.train.max_steps):
-            ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
-        if is_due(cfg.train.save_every, done, cfg.train.max_steps):
-            save_checkpoint(accelerator, ctx.dir, done, {**counters, "seconds": timer.elapsed}, cfg.train.keep_checkpoints)
+        end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, evaluate=evaluate, metrics={
+            **totals, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm})
         metrics["loss/total"] = totals["loss/total"]
 
     # 8. held-out evaluation, with the score histogram -----------------------------------------------------------------
@@ -240,6 +234,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     stat_prompts, stat_completions, source = _stats_samples(cfg, pairs, samples, ctx)
     stats = rm.set_stats(rm.score(stat_prompts, stat_completions, cfg.eval.batch_size), source)
     metrics.update({"eval/sft_score_mean": stats["mean"], "eval/sft_score_std": stats["std"]})
+    metrics.update(data_metrics)
     metrics["perf/stage_seconds"] = time.monotonic() - started
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
 

@@ -36,6 +36,7 @@ class PromptScores:
 
     tasks: list[str]
     greedy: list[float]
+    groups: list[str] = field(default_factory=list)  # finer labels (e.g. "add/reason") when grouped by more than the task
     sampled: list[list[float]] = field(default_factory=list)  # (prompts, n) scores of the sampled completions
     lengths: list[int] = field(default_factory=list)  # greedy response lengths
     ended: list[bool] = field(default_factory=list)
@@ -46,12 +47,13 @@ class PromptScores:
 
 @torch.no_grad()
 def score_prompts(policy, records: list[Record], generation: GenerationSettings | None = None,
-                  score_fn: ScoreFn | None = None, seed: int = 0) -> PromptScores:
+                  score_fn: ScoreFn | None = None, seed: int = 0, group_by: Sequence[str] = ()) -> PromptScores:
     """Greedy-decode (and, with `generation.samples` > 0, sample) every record's prompt and score the completions.
 
     Without `score_fn` only records of demo-world tasks are kept and scored by the world's gold scorers. Rows are
-    grouped by `record["task"]` when present (else "all"). Sampling is seeded per batch, so the scores are a
-    function of the weights and `seed`.
+    grouped by `record["task"]` when present (else "all"), and further by the dotted record fields in `group_by`
+    (e.g. `["meta.format"]`: "add/direct", "add/reason"). Sampling is seeded per batch, so the scores are a function
+    of the weights and `seed`.
     """
     generation = generation or GenerationSettings()
     if score_fn is None:
@@ -59,7 +61,9 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
 
         records = [r for r in records if r.get("task") in TASKS]
         score_fn = world_gold_scores
-    out = PromptScores(tasks=[str(r.get("task") or "all") for r in records], greedy=[])
+    tasks = [str(r.get("task") or "all") for r in records]
+    groups = ["/".join([t] + [str(v) for key in group_by if (v := _dotted(r, key)) is not None]) for t, r in zip(tasks, records)]
+    out = PromptScores(tasks=tasks, greedy=[], groups=groups if group_by else [])
     batches = range(0, len(records), generation.batch_size)
     for start in progress(batches, total=len(batches), desc="eval"):
         chunk = records[start:start + generation.batch_size]
@@ -78,6 +82,15 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
     return out
 
 
+def _dotted(record: dict, key: str):
+    node = record
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def summarize(scores: PromptScores, k: int | None = None) -> dict[str, float]:
     """Metrics of one policy: `eval/gold_score[/<task>]` (greedy), `eval/sampled/gold_score[/<task>]` (mean over
     samples), `eval/sampled/pass@k[/<task>]` (mean over prompts of the best of k samples: pass@k for 0/1 scores),
@@ -89,10 +102,16 @@ def summarize(scores: PromptScores, k: int | None = None) -> dict[str, float]:
         by_task[task].append(i)
     metrics: dict[str, float] = {}
 
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(scores.groups):
+        if group != scores.tasks[i]:
+            by_group[group].append(i)
+
     def per_task(name: str, values: list[float]) -> None:
         means = {t: sum(values[i] for i in rows) / len(rows) for t, rows in sorted(by_task.items())}
         metrics.update({f"{name}/{t}": v for t, v in means.items()})
         metrics[name] = sum(means.values()) / len(means)
+        metrics.update({f"{name}/{g}": sum(values[i] for i in rows) / len(rows) for g, rows in sorted(by_group.items())})
 
     per_task("eval/gold_score", scores.greedy)
     if scores.sampled:

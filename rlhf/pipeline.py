@@ -211,6 +211,10 @@ def load_pipeline(path: str | Path, overrides: list[str]) -> tuple[PipelineConfi
         for key, source in spec.inputs.items():
             if _source_stage(source) not in seen:
                 raise UserError(f"{path}: stage '{spec.name}' takes '{key}' from '{source}', which is not an earlier stage")
+            inner = source.partition("/")[2]
+            if inner and (Path(inner).is_absolute() or ".." in Path(inner).parts):
+                raise UserError(f"{path}: stage '{spec.name}' takes '{key}' from '{source}': the path after the stage "
+                                "name must stay inside that stage's directory")
         seen.append(spec.name)
     return cfg, stage_overrides
 

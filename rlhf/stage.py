@@ -39,8 +39,8 @@ def read_manifest(directory: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not even UTF-8 text
         return {"tool": "?"}
 
 
@@ -53,15 +53,46 @@ def write_manifest(directory: str | Path, manifest: dict) -> None:
 
 
 def claim(
-    directory: str | Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool = False, fresh: bool = False
+    directory: str | Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool = False, fresh: bool = False,
+    rerun: bool = False,
 ) -> str:
     """Decide what to do with `directory` for a stage whose config hashes to `fingerprint`.
 
     Returns "complete" (same config already finished: skip), "resume" (same config interrupted: continue from its
     checkpoints) or "fresh". A directory that holds files rlhf did not write is never touched; one that holds
     another config's artifact is replaced only with `overwrite`; `fresh` starts over even when the config matches.
+    `rerun` (a pipeline's changed stage) and `fresh` replace only the same stage's own artifact (same stage name and
+    kind): another kind's or another stage's artifact, complete or not, is deleted only with `overwrite`.
     """
     directory = Path(directory)
+    try:
+        return _claim(directory, stage=stage, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=fresh,
+                      rerun=rerun)
+    except OSError as exc:  # not writable, an over-long name, a file in the way...
+        reason = exc.strerror or str(exc)
+        raise UserError(f"output_dir {directory}: cannot use it as the stage's directory ({reason})") from None
+
+
+def check_output_dir(directory: str | Path) -> None:
+    """Refuse an output directory that cannot hold a stage, naming why: it is a file, lies under a file, its parent
+    is not writable, or its name is too long."""
+    directory = Path(directory)
+    for part in directory.parts:
+        if len(os.fsencode(part)) > 255:
+            raise UserError(f"output_dir {str(directory)[:80]}...: a path component is longer than 255 bytes")
+    try:
+        existing = next(p for p in (directory, *directory.parents) if p.exists())
+    except OSError as exc:
+        raise UserError(f"output_dir {directory}: {exc.strerror or exc}") from None
+    if not existing.is_dir():
+        where = "is a file" if existing == directory else f"lies under the file {existing}"
+        raise UserError(f"output_dir {directory} {where}, not a directory; choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {directory}: {existing} is not writable; choose another output_dir")
+
+
+def _claim(directory: Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool, fresh: bool, rerun: bool) -> str:
+    check_output_dir(directory)
     manifest = read_manifest(directory)
     if manifest is None:
         if directory.exists() and any(directory.iterdir()):
@@ -75,12 +106,20 @@ def claim(
         if manifest.get("status") == "complete":
             return "complete"
         return "resume"
-    elif not (overwrite or fresh):
+    elif not overwrite:
         state = "a complete" if manifest.get("status") == "complete" else "an incomplete"
-        raise UserError(
-            f"output directory {directory} holds {state} '{manifest.get('kind')}' artifact made with a different "
-            "config; pass --overwrite to replace it or choose another output_dir"
-        )
+        own = manifest.get("kind") == kind and manifest.get("stage") == stage
+        if not own:
+            raise UserError(
+                f"output directory {directory} holds {state} '{manifest.get('kind')}' artifact of stage "
+                f"'{manifest.get('stage')}', not this '{kind}' stage's; pass --overwrite to replace it or choose "
+                "another output_dir"
+            )
+        if not (rerun or fresh):
+            raise UserError(
+                f"output directory {directory} holds {state} '{manifest.get('kind')}' artifact made with a different "
+                "config; pass --overwrite to replace it or choose another output_dir"
+            )
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)

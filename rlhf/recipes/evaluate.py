@@ -24,12 +24,14 @@ class Config(StageConfig):
 
     models: dict[str, str] = Field(default_factory=dict, description="label -> model directory (HF format)")
     prompts: str = Field("data/demo/eval_prompts.jsonl", description="held-out prompts with task and meta")
-    limit: int | None = Field(None, description="use at most this many prompts (null = all)")
+    limit: int | None = Field(None, ge=1, description="use at most this many prompts (null = all)")
     generation: GenerationSettings = Field(
         default_factory=GenerationSettings, description="greedy budget; samples > 0 adds sampled accuracy and pass@k")
     rewards: list[RewardComponent] | None = Field(
         None, description="score with these reward components (rules / reward models) instead of the demo world's gold scorers")
     baseline: str | None = Field(None, description="label every other model is compared with (null = the first model)")
+    group_by: list[str] = Field(
+        default_factory=list, description="also report per value of these dotted record fields within each task (e.g. meta.format)")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
@@ -43,7 +45,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     per_prompt, results = {}, {}
     for label, path in cfg.models.items():
         policy = PolicyModel.from_pretrained(path)
-        per_prompt[label] = score_prompts(policy, prompts, cfg.generation, score_fn, seed=cfg.seed)
+        per_prompt[label] = score_prompts(policy, prompts, cfg.generation, score_fn, seed=cfg.seed, group_by=cfg.group_by)
         results[label] = summarize(per_prompt[label])
 
     # 3. paired bootstrap over prompts: each model minus the baseline (greedy, and sampled when sampled) ---------------
@@ -53,9 +55,16 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if label == base or not per_prompt[label].greedy:
             continue
         a, b = per_prompt[base], per_prompt[label]
-        comparisons[label] = {"greedy": paired_bootstrap(a.greedy, b.greedy, seed=cfg.seed)}
-        if a.sampled and b.sampled:
-            comparisons[label]["sampled"] = paired_bootstrap(a.sampled_mean(), b.sampled_mean(), seed=cfg.seed)
+        comparisons[label] = {}
+        # over all prompts, then within each task (the same prompts for both models, so the pairing holds)
+        for task in [None, *sorted(set(a.tasks))] if len(set(a.tasks)) > 1 else [None]:
+            rows = [i for i, t in enumerate(a.tasks) if task is None or t == task]
+            suffix = f"/{task}" if task else ""
+            pick = lambda values: [values[i] for i in rows]  # noqa: E731
+            comparisons[label][f"greedy{suffix}"] = paired_bootstrap(pick(a.greedy), pick(b.greedy), seed=cfg.seed)
+            if a.sampled and b.sampled:
+                comparisons[label][f"sampled{suffix}"] = paired_bootstrap(pick(a.sampled_mean()), pick(b.sampled_mean()),
+                                                                          seed=cfg.seed)
         for kind, ci in comparisons[label].items():
             results[label].update({f"eval/vs_{base}/{kind}_{k}": v for k, v in ci.items()})
 
@@ -65,8 +74,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
          "per_prompt": {label: vars(s) for label, s in per_prompt.items()}}, indent=2))
     print(format_table(results))
     for label, cis in comparisons.items():
-        print(f"{label} - {base} (95% paired-bootstrap CI over {len(prompts)} prompts): "
-              + ", ".join(f"{kind} {format_ci(ci)}" for kind, ci in cis.items()))
+        print(f"{label} - {base}, mean difference with a 95% paired-bootstrap CI over prompts:")
+        for kind, ci in cis.items():
+            print(f"  {kind:<20} {format_ci(ci)}")
     plot_scores(results, ctx.dir / "gold_scores.png")
     flat = {f"eval/{label}/{key.removeprefix('eval/')}": v for label, m in results.items() for key, v in m.items()}
     ctx.tracker.log({**flat, "progress/samples": 0}, step=0)

@@ -152,7 +152,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
         # 6.3 μ epochs × minibatches of the clipped surrogate (+ β·KL in the loss), micro-batched -----------------
         sums: dict[str, float] = {}
-        n_micro = 0
+        losses: list[float] = []  # each minibatch's total loss
         # KL(π_old‖π_ref) per row for the logs and the adaptive β: from the stored old log-probs, or (on-policy) from
         # the first pass, whose log-probs are π_old's
         row_kl = seq_kl.sum(-1) if seq_kl is not None else torch.zeros(len(exp), device=mask.device)
@@ -173,10 +173,13 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                     if epoch == 0 and beta_on and seq_kl is None:
                         row_kl[rows] = (kl_k1(old, part.ref_logprobs) * part.response_mask).sum(-1)
                     for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                    n_micro += 1
+                        # a micro-batch's loss is its share of the minibatch loss (global normalizer): sum the shares;
+                        # rates (clip fractions, entropy...) are averaged over micro-batches
+                        sums[key] = sums.get(key, 0.0) + float(value) * (1 if key.startswith("loss/") else 1 / len(micro))
+                mb_loss = sums.get("loss/total", 0.0) - sum(losses)
+                losses.append(mb_loss)
                 sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + optimizer_step(
-                    accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm) * len(micro)
+                    accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, loss=mb_loss)
 
         update_seconds = time.perf_counter() - update_started
 
@@ -195,7 +198,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             "train/advantage_abs": float(masked_mean(exp.advantages.abs() if exp.advantages.dim() == 2
                                                       else exp.advantages.abs()[:, None].expand_as(mask), mask)),
             "train/kl_coef": beta, "train/sampling_rounds": rounds, "train/lr": scheduler.get_last_lr()[0],
-            **{k: v / n_micro for k, v in sums.items()},
+            **{k: v / updates_per_step for k, v in sums.items()},  # means over the step's optimizer updates
             **{f"reward/{k}": float(v.mean()) for k, v in exp.components.items()},
             **{f"perf/{k}_seconds": v for k, v in exp.timings.items()},
         }

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import collate_sft, load_prompts, load_records, tokenize_sft
+from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import sft_loss, sft_loss_weights
 from rlhf.policy import PolicyModel
@@ -25,6 +26,7 @@ from rlhf.tracking import progress
 
 class SFTData(Section):
     train: str = Field("data/demo/sft.jsonl", description="prompt/completion or messages data (file, saved dataset dir or hub id)")
+    tasks: list[str] | None = Field(None, description="train only on rows whose `task` is one of these (null = all rows)")
     eval: str | None = Field(None, description="held-out demonstrations for eval loss; null = hold out eval_fraction of train")
     eval_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="fraction of train held out when eval is null")
     gold_prompts: str | None = Field(
@@ -58,6 +60,10 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 3. data ---------------------------------------------------------------------------------------------------
     records = load_records(cfg.data.train)
+    if cfg.data.tasks is not None:
+        records = [r for r in records if r.get("task") in cfg.data.tasks]
+        if not records:
+            raise UserError(f"{cfg.data.train}: no row has a task in {cfg.data.tasks} (config key 'data.tasks')")
     if cfg.data.eval is not None:
         eval_records = load_records(cfg.data.eval)
     else:

@@ -22,7 +22,8 @@ def test_standard_explicit_and_implicit_prompt(tmp_path, tok, write_jsonl):
     explicit, implicit = load_preferences(str(path), tok)
     assert (explicit.prompt, explicit.chosen, explicit.rejected, explicit.margin) == ("Q:", " yes", " no", 1.5)
     assert explicit.label == 1.0 and explicit.extra == {"task": "x"} and explicit.origin.endswith("p.jsonl:1")
-    assert (implicit.prompt, implicit.chosen, implicit.tie, implicit.label) == ("", "Q: yes", True, 0.5)
+    # the implicit prompt is split off at the last word both share (see test_transcripts.py for transcripts)
+    assert (implicit.prompt, implicit.chosen, implicit.tie, implicit.label) == ("Q:", " yes", True, 0.5)
 
 
 def test_conversational_with_chat_template_uses_trl_rendering(tmp_path, tok, write_jsonl):
@@ -42,7 +43,7 @@ def test_conversational_without_chat_template_renders_role_lines(tmp_path, write
         "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}],
     }])
     (pair,) = load_preferences(str(path), tokenizer=None)
-    assert pair.chosen == "user: hi\nassistant: hello"
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("user: hi", "\nassistant: hello", "\nassistant: bye")
 
 
 def test_parquet_and_saved_dataset_sources(tmp_path, tok):
@@ -106,7 +107,8 @@ def test_collate_stacks_chosen_then_rejected(tmp_path, tok, write_jsonl):
         {"prompt": "a", "chosen": " long long answer", "rejected": " b", "margin": 2.0},
         {"prompt": "a", "chosen": " c", "rejected": " d", "tie": True},
     ])
-    pairs = tokenize_pairs(load_preferences(str(path), tok), tok, "decoder", 64)
+    pairs, cut = tokenize_pairs(load_preferences(str(path), tok), tok, "decoder", 64)
+    assert (cut.pairs, cut.truncated_pairs) == (2, 0)
     batch = collate_pairs(pairs, tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 4 and int(batch["lm_rows"]) == 2
     assert batch["chosen_index"].tolist() == [0, 1] and batch["rejected_index"].tolist() == [2, 3]
@@ -123,7 +125,7 @@ def test_kwise_pairs_score_each_response_once_and_group_consecutively(tmp_path, 
     rows.append({"prompt": "p", "chosen": " x", "rejected": " y"})  # p again, later: a new group
     pairs = load_preferences(str(write_jsonl(tmp_path / "k.jsonl", rows)), tok)
     assert group_by_prompt(pairs) == [[0, 1, 2], [3], [4]]
-    tokenized = tokenize_pairs(pairs[:3], tok, "decoder", 64)
+    tokenized, _ = tokenize_pairs(pairs[:3], tok, "decoder", 64)
     batch = collate_pairs(tokenized, tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 3  # x, z, y: three distinct responses for three pairs
     assert int(batch["lm_rows"]) == 2  # x and z were chosen somewhere; they come first
