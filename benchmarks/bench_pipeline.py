@@ -11,7 +11,7 @@ The subprocess gets `OMP_WAIT_POLICY=PASSIVE` and `OMP_NUM_THREADS=--threads` (d
 its intra-op thread count), so the number is comparable with the other benchmarks on a shared machine.
 
     python benchmarks/bench_pipeline.py            # the demo pipeline as configured (a few minutes)
-    python benchmarks/bench_pipeline.py --quick    # 30 pretrain + 30 SFT steps, 32 eval prompts (smoke run)
+    python benchmarks/bench_pipeline.py --quick    # smoke run: every stage, a few steps each (QUICK below)
     python benchmarks/bench_pipeline.py --keep runs/bench-demo   # keep the artifacts there instead of a temp dir
 """
 
@@ -28,31 +28,60 @@ import time
 from pathlib import Path
 
 import common
+import yaml
 
 PIPELINE = common.REPO / "configs" / "demo" / "pipeline.yaml"
-QUICK = ["pretrain.train.max_steps=30", "sft.train.max_steps=30", "sft.data.gold_limit=32", "eval.limit=32"]
+# --quick: every stage of the pipeline runs, tiny and short; the overrides per stage kind (each stage named so gets
+# them as `<stage>.<key>=<value>`), plus pretraining on the first QUICK_DOCS documents of its corpus
+QUICK: dict[str, dict[str, object]] = {
+    "pretrain": {"train.max_steps": 5, "train.batch_size": 8, "train.eval_every": 0, "train.save_every": 0},
+    "sft": {"train.max_steps": 5, "train.save_every": 0, "data.gold_limit": 8},
+    "reward": {"data.sample.num_prompts": 16, "data.sample.samples_per_prompt": 4, "train.max_steps": 5,
+               "train.save_every": 0, "stats.num_samples": 32},
+    "grpo": {"train.max_steps": 2, "train.save_every": 0, "rl.prompts_per_step": 4, "sampling.n": 4,
+             "sampling.max_new_tokens": 16, "eval.limit": 8, "samples_every": 0},
+    "eval": {"limit": 8, "generation.samples": 2},
+}
+QUICK_DOCS = 400
+
+
+def quick_overrides(stages: list[dict], scratch: Path) -> list[str]:
+    """`--quick`'s overrides for these pipeline stages; pretraining reads a short copy of its corpus in `scratch`."""
+    overrides = []
+    for stage in stages:
+        if stage["kind"] not in QUICK:
+            raise SystemExit(f"--quick: no short settings for stage kind '{stage['kind']}' (stage '{stage['name']}'); "
+                             "add them to QUICK in benchmarks/bench_pipeline.py")
+        overrides += [f"{stage['name']}.{key}={value}" for key, value in QUICK[stage["kind"]].items()]
+        if stage["kind"] == "pretrain":
+            corpus = scratch / f"{stage['name']}-quick.jsonl"
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            source = common.REPO / yaml.safe_load((common.REPO / stage["config"]).read_text())["data"]["train"]
+            corpus.write_text("".join(source.read_text().splitlines(keepends=True)[:QUICK_DOCS]))
+            overrides.append(f"{stage['name']}.data.train={corpus}")
+    return overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (" + " ".join(QUICK) + ")")
+    parser.add_argument("--quick", action="store_true", help="smoke run: every stage, tiny and short (see QUICK in the source)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the run (torch intra-op threads)")
     parser.add_argument("--keep", metavar="DIR", help="write the pipeline's artifacts here and keep them")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides passed to `rlhf run`")
     args = parser.parse_args()
 
-    import yaml
-
-    stages = [s["name"] for s in yaml.safe_load(PIPELINE.read_text())["stages"]]
+    spec = yaml.safe_load(PIPELINE.read_text())
+    stages = [s["name"] for s in spec["stages"]]
     tmp = None
     if args.keep:
         out = Path(args.keep).resolve()
     else:
         tmp = tempfile.mkdtemp(prefix="bench-pipeline-")
         out = Path(tmp) / "demo"
+    quick = quick_overrides(spec["stages"], out.parent if args.keep else Path(tmp)) if args.quick else []
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "rlhf.cli", "run", str(PIPELINE), f"output_dir={out}", "tracking.mode=disabled",
-           *(QUICK if args.quick else []), *args.overrides]
+           *quick, *args.overrides]
     print(f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPU cores visible (shared) | "
           f"OMP_NUM_THREADS={args.threads}, OMP_WAIT_POLICY=PASSIVE")
     print("$ rlhf " + " ".join(cmd[3:]))
@@ -76,13 +105,16 @@ def main() -> None:
         rows.append(["total (process)", "", "", round(wall, 2)])
         print("\nwall time per stage (manifest.json `seconds`):")
         print(common.table(["stage", "kind", "status", "seconds"], rows))
+        # no peer to divide by: the result line is the absolute time (the other scripts print `ratio ...` here)
+        print(f"total demo pipeline{' (--quick)' if args.quick else ''}: {total:.1f} s in stages, {wall:.1f} s process")
 
         from rlhf.recipes.evaluate import format_table
 
         eval_dirs = [out / n for n in stages if json.loads((out / n / "manifest.json").read_text())["kind"] == "eval"]
         for d in eval_dirs:
             print(f"\neval table ({d.name}):")
-            print(format_table(json.loads((d / "results.json").read_text())))
+            results = json.loads((d / "results.json").read_text())
+            print(format_table(results.get("metrics", results)))  # {"metrics": {label: ...}, ...}; older: {label: ...}
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

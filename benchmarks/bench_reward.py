@@ -6,19 +6,23 @@ example pairs, TRL format, read by TRL as is), batch `--batch` pairs (2 × batch
 sides: chosen and rejected are concatenated), no gradient accumulation, AdamW (lr 1e-4, betas 0.9/0.999, no weight
 decay, linear decay), clipping at 1.0, no centering, no evaluation or checkpoints inside the timed window.
 
-- ours: `reward_models.train.run` with tracking disabled and `train.log_every=1`; the timed quantity is the recipe's
-  own `perf/step_seconds` of every step after the first `--warmup`, read back from metrics.jsonl. A lap runs from the
-  end of one step to the end of the next: collation, forward, loss, backward, clipping, optimizer, scheduler, logging.
-- TRL: `RewardTrainer(...).train()` for the same number of steps, a callback taking `time.perf_counter()` at every
-  `on_step_end`; timed: the laps between step ends after the first `--warmup` (data loading + collation, forward,
-  loss and TRL's per-step metrics, backward, clipping, optimizer, scheduler, logging). TRL's default gradient
-  checkpointing (`RewardConfig.gradient_checkpointing=True`) and bf16 are turned off so both do equal work in fp32;
-  its optimizer is its default (`adamw_torch_fused`).
+- ours: the `reward` recipe's `run(cfg, ctx)` (`common.run_recipe`, as `rlhf.pipeline.run_stage` calls it) with
+  tracking disabled and `train.log_every=1`; the timed quantity is the recipe's own `perf/step_seconds` of every step
+  after the first `--warmup`, read back from metrics.jsonl (CPU time: the tracker the recipe is handed notes
+  `time.process_time()` in each row; nothing in the recipe is patched). A lap runs from the end of one step to the
+  end of the next: collation, forward, loss, backward, clipping, optimizer, scheduler, logging.
+- TRL: `RewardTrainer(...).train()` for the same number of steps, a callback taking `time.perf_counter()` (and
+  `time.process_time()`) at every `on_step_end`; timed: the laps between step ends after the first `--warmup` (data
+  loading + collation, forward, loss and TRL's per-step metrics, backward, clipping, optimizer, scheduler, logging).
+  TRL's default gradient checkpointing (`RewardConfig.gradient_checkpointing=True`) and bf16 are turned off so both
+  do equal work in fp32; its optimizer is its default (`adamw_torch_fused`).
 
 Setup (model build, tokenization, trainer construction) and the final save/evaluation are outside the timed window.
-Runs alternate (ours, TRL, ours, TRL, ...); reported: pairs/s medians and the ratio of medians ours/TRL.
+Runs alternate (ours, TRL, ours, TRL, ...); reported: pairs/s medians (wall clock and per CPU-second of this
+process) and the ratio of medians ours/TRL.
 
     python benchmarks/bench_reward.py            # tiny model, batch 16, 5 warm-up + 30 timed steps, 3 repeats
+    python benchmarks/bench_reward.py --quick    # smoke run: tiny model, batch 16, 2 warm-up + 5 timed steps, 1 repeat
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +38,6 @@ import common
 
 torch = common.setup_torch(1)
 
-from rlhf.config import TrackingSettings  # noqa: E402
-from rlhf.stage import StageContext  # noqa: E402
-from rlhf.tracking import Tracker  # noqa: E402
 from reward_models import train  # noqa: E402
 from reward_models.pairs import example_pairs, write_jsonl  # noqa: E402
 
@@ -56,24 +56,21 @@ def build_model(out: Path, size: str) -> Path:
     return out
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, warmup: int) -> dict:
+def run_ours(model_dir: Path, data: Path, out: Path, steps: int, batch: int, warmup: int, stats: int) -> dict:
     cfg = train.Config.model_validate({
         "model": {"path": str(model_dir), "max_length": MAX_LENGTH},
         "data": {"train": str(data), "eval_fraction": 0.02},
+        "output_dir": str(out),
         "train": {"max_steps": warmup + steps, "batch_size": batch, "log_every": 1},
         "optim": {"lr": LR, "betas": BETAS, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "linear",
                   "max_grad_norm": 1.0},
-        "stats": {"num_samples": 8},
+        "stats": {"num_samples": stats},
         "tracking": {"mode": "disabled"},
     })
-    out.mkdir(parents=True)
-    ctx = StageContext(name="reward", kind="reward", dir=out,
-                       tracker=Tracker(out, TrackingSettings(mode="disabled"), job_type="reward", name="reward"))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        train.run(cfg, ctx)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    laps = [r["perf/step_seconds"] for r in rows if "perf/step_seconds" in r and r["step"] > warmup]
-    return {"pairs_per_s": batch * len(laps) / sum(laps), "step_s": sum(laps) / len(laps)}
+        w = common.step_window(common.run_recipe("reward", cfg), warmup, steps)
+    return {"pairs_per_s": w["samples"] / w["seconds"], "step_s": w["seconds"] / steps,
+            "pairs_per_cpu_s": w["samples"] / w["cpu_seconds"]}
 
 
 def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, warmup: int) -> dict:
@@ -82,33 +79,42 @@ def run_trl(model_dir: Path, data: Path, out: Path, steps: int, batch: int, warm
     from trl import RewardConfig, RewardTrainer
 
     stamps: list[float] = []
+    cpu: list[float] = []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
 
-    args = RewardConfig(
-        output_dir=str(out), max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=LR,
-        adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=0.0, lr_scheduler_type="linear", max_grad_norm=1.0,
-        logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
-        use_cpu=True, max_length=MAX_LENGTH, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        args = RewardConfig(
+            output_dir=str(out), max_steps=warmup + steps, per_device_train_batch_size=batch, learning_rate=LR,
+            adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=0.0, lr_scheduler_type="linear", max_grad_norm=1.0,
+            logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
+            use_cpu=True, max_length=MAX_LENGTH, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        )
         dataset = load_dataset("json", data_files=str(data), split="train")
         trainer = RewardTrainer(model=str(model_dir), args=args, train_dataset=dataset, callbacks=[StepClock()])
         trainer.train()
-    laps = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
-    return {"pairs_per_s": batch * len(laps) / sum(laps), "step_s": sum(laps) / len(laps)}
+    seconds = stamps[warmup + steps - 1] - stamps[warmup - 1]
+    return {"pairs_per_s": batch * steps / seconds, "step_s": seconds / steps,
+            "pairs_per_cpu_s": batch * steps / (cpu[warmup + steps - 1] - cpu[warmup - 1])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 warm-up + 5 timed steps, 1 repeat")
     parser.add_argument("--size", default="tiny", help="demo model size (nano | tiny | small)")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed first steps of each run (>= 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 30; --quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps of each run, >= 1 (default 5; --quick 2)")
     parser.add_argument("--batch", type=int, default=16, help="pairs per optimizer step")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved (ours, TRL) repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved (ours, TRL) repeats (default 3; --quick 1)")
     args = parser.parse_args()
+    args.steps = args.steps if args.steps is not None else (5 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    pairs = 8 * args.batch if args.quick else max(400, args.batch * (args.warmup + args.steps))
+    stats = 8
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step includes one-time setup)")
 
@@ -116,20 +122,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = build_model(tmp / "model", args.size)
-        data = write_jsonl_path(tmp / "pairs.jsonl", max(400, args.batch * (args.warmup + args.steps)))
+        data = write_jsonl_path(tmp / "pairs.jsonl", pairs)
         count = iter(range(10**6))
         results = common.interleaved({
-            "ours": lambda: run_ours(model_dir, data, tmp / f"ours{next(count)}", args.steps, args.batch, args.warmup),
+            "ours": lambda: run_ours(model_dir, data, tmp / f"ours{next(count)}", args.steps, args.batch, args.warmup,
+                                     stats),
             "TRL": lambda: run_trl(model_dir, data, tmp / f"trl{next(count)}", args.steps, args.batch, args.warmup),
         }, args.repeats)
-    ours, trl = common.median(results["ours"], "pairs_per_s"), common.median(results["TRL"], "pairs_per_s")
+    med = {side: {k: common.median(rows, k) for k in ("pairs_per_s", "step_s", "pairs_per_cpu_s")}
+           for side, rows in results.items()}
     print(f"\nmodel {args.size}, batch {args.batch} pairs, fp32, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{args.repeats} repeats")
-    print(common.table(["", "pairs/s (median)", "range", "s/step (median)"], [
-        ["ours (reward stage)", ours, common.spread(results["ours"], "pairs_per_s"), common.median(results["ours"], "step_s")],
-        ["TRL RewardTrainer", trl, common.spread(results["TRL"], "pairs_per_s"), common.median(results["TRL"], "step_s")],
+          f"{args.repeats} repeats, {pairs} pairs in the file")
+    print(common.table(["", "pairs/s (median)", "range", "s/step (median)", "pairs/cpu-s (median)"], [
+        [label, med[side]["pairs_per_s"], common.spread(results[side], "pairs_per_s"), med[side]["step_s"],
+         med[side]["pairs_per_cpu_s"]] for side, label in (("ours", "ours (reward stage)"), ("TRL", "TRL RewardTrainer"))
     ]))
-    print(f"ratio ours/TRL = {ours / trl:.2f} (target >= 1.0)")
+    ratio = lambda key: med["ours"][key] / med["TRL"][key]  # noqa: E731
+    print(common.ratio_line("ours/TRL pairs/s", ratio("pairs_per_s"), ratio("pairs_per_cpu_s"), "target >= 1.0"))
 
 
 def write_jsonl_path(path: Path, n: int) -> Path:

@@ -6,9 +6,10 @@ data/demo/sft.jsonl (the first `--examples` rows, prompt/completion), with compl
 max_length 64, no packing, no gradient accumulation, AdamW (betas 0.9/0.95, no weight decay, lr 1e-3, cosine),
 gradient clipping at 1.0, no evaluation and no checkpoints during the run.
 
-- ours: `rlhf.pipeline.run_stage("sft", cfg)` with tracking disabled and `train.log_every=1`; the timed quantity is
-  the recipe's own `perf/step_seconds` of every step after the first `--warmup` steps, read back from the stage's
-  metrics.jsonl (the recipe's `StepTimer` is wrapped so it also notes CPU time; the timing itself is the recipe's).
+- ours: the `sft` recipe's `run(cfg, ctx)` (`common.run_recipe`, as `rlhf.pipeline.run_stage` calls it) with tracking
+  disabled and `train.log_every=1`; the timed quantity is the recipe's own `perf/step_seconds` of every step after
+  the first `--warmup` steps, read back from the stage's metrics.jsonl (CPU time: the tracker the recipe is handed
+  notes `time.process_time()` in each row it logs; nothing in the recipe is patched).
   Each step's lap runs from the end of the previous step to the end of this one, so it covers
   collation, forward, loss, backward, clipping, optimizer and scheduler step and logging. Tokens per step are the
   non-padding tokens of the batch (prompt + completion), `progress/tokens` differences.
@@ -27,7 +28,7 @@ medians over repeats, and the ratio of medians ours/TRL. The tokenized data of b
 sequence and completion lengths) so equal lengths can be checked rather than assumed.
 
     python benchmarks/bench_sft.py            # 2000 examples, 10 warm-up + 40 timed steps, 5 repeats
-    python benchmarks/bench_sft.py --quick    # 512 examples, 3 warm-up + 10 timed steps, 2 repeats
+    python benchmarks/bench_sft.py --quick    # smoke run: 256 examples, 2 warm-up + 5 timed steps, 1 repeat
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import common
 
@@ -52,10 +52,8 @@ torch = common.setup_torch(1)
 
 from rlhf.config import ModelSettings, OptimSettings, TrackingSettings, TrainSettings  # noqa: E402
 from rlhf.data import load_records, tokenize_sft  # noqa: E402
-from rlhf.pipeline import run_stage  # noqa: E402
 from rlhf.policy import add_special_tokens, load_tokenizer  # noqa: E402
 from rlhf.recipes import sft  # noqa: E402
-from rlhf.training import StepTimer  # noqa: E402
 from rlhf.world import ACTION_TOKENS, build_tiny_lm  # noqa: E402
 
 BATCH, MAX_LENGTH, LR, SIZE = 32, 64, 1e-3, "tiny"
@@ -64,7 +62,7 @@ TOKENIZER = common.TOKENIZER  # main() points this at a snapshot, so every run o
 
 def write_subset(path: Path, n: int) -> None:
     lines = [line for line in common.SFT_DATA.read_text().splitlines() if line.strip()][:n]
-    path.write_text("\n".join(json.dumps({k: json.loads(l)[k] for k in ("prompt", "completion")}) for l in lines) + "\n")
+    path.write_text("\n".join(json.dumps({k: json.loads(line)[k] for k in ("prompt", "completion")}) for line in lines) + "\n")
 
 
 def quietly(fn):
@@ -90,21 +88,8 @@ def run_ours(data: Path, root: Path, warmup: int, steps: int, repeat: int) -> di
         optim=OptimSettings(lr=LR, warmup_steps=0, schedule="cosine", max_grad_norm=1.0),
         tracking=TrackingSettings(mode="disabled"),
     )
-    cpu_marks: list[float] = []
-
-    class CpuTimer(StepTimer):  # the recipe's own timer, also noting this process's CPU time at each step's end
-        def lap(self) -> float:
-            cpu_marks.append(time.process_time())
-            return super().lap()
-
-    with mock.patch.object(sft, "StepTimer", CpuTimer):
-        run_stage("sft", cfg, overwrite=True, force=True)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = {r["step"]: r for r in rows if "perf/step_seconds" in r}
-    timed = range(warmup + 1, warmup + steps + 1)
-    seconds = sum(rows[s]["perf/step_seconds"] for s in timed)
-    tokens = rows[warmup + steps]["progress/tokens"] - rows[warmup]["progress/tokens"]
-    cpu = cpu_marks[warmup + steps - 1] - cpu_marks[warmup - 1]
+    w = common.step_window(common.run_recipe("sft", cfg), warmup, steps)
+    seconds, tokens, cpu = w["seconds"], w["tokens"], w["cpu_seconds"]
     return {"tokens_per_s": tokens / seconds, "step_seconds": seconds / steps, "tokens_per_step": tokens / steps,
             "tokens_per_cpu_s": tokens / cpu, "threads": torch.get_num_threads()}
 
@@ -117,7 +102,7 @@ def build_trl(data: Path, root: Path, warmup: int, steps: int, repeat: int, opti
     tokenizer = load_tokenizer(str(TOKENIZER))
     model = build_tiny_lm(tokenizer, SIZE, seed=0)
     add_special_tokens(model, tokenizer, ACTION_TOKENS)
-    dataset = datasets.Dataset.from_list([json.loads(l) for l in data.read_text().splitlines() if l.strip()])
+    dataset = datasets.Dataset.from_list([json.loads(line) for line in data.read_text().splitlines() if line.strip()])
 
     class Laps(TrainerCallback):
         def __init__(self):
@@ -173,7 +158,7 @@ def compare_tokenization(data: Path, root: Path, optim: str) -> list[list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="512 examples, 3 warm-up + 10 timed steps, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 256 examples, 2 warm-up + 5 timed steps, 1 repeat")
     parser.add_argument("--examples", type=int, default=None, help="rows of data/demo/sft.jsonl used (default 2000)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 10)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 40)")
@@ -182,10 +167,10 @@ def main() -> None:
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="leave TRL's default gradient checkpointing on (unequal work: TRL recomputes activations)")
     args = parser.parse_args()
-    examples = args.examples or (512 if args.quick else 2000)
-    warmup = args.warmup or (3 if args.quick else 10)
-    steps = args.steps or (10 if args.quick else 40)
-    repeats = args.repeats or (2 if args.quick else 5)
+    examples = args.examples or (256 if args.quick else 2000)
+    warmup = args.warmup or (2 if args.quick else 10)
+    steps = args.steps or (5 if args.quick else 40)
+    repeats = args.repeats or (1 if args.quick else 5)
 
     import datasets
 
@@ -223,8 +208,8 @@ def main() -> None:
           m["tokens_per_cpu_s"]] for side, m in med.items()],
     ))
     ratio = lambda key: med["ours"][key] / med["TRL"][key]  # noqa: E731
-    print(f"ours/TRL tokens/s: {ratio('tokens_per_s'):.3f}   ours/TRL s/step: {ratio('step_seconds'):.3f}   "
-          f"ours/TRL tokens/cpu-s: {ratio('tokens_per_cpu_s'):.3f}")
+    print(f"ours/TRL s/step: {ratio('step_seconds'):.3f}")
+    print(common.ratio_line("ours/TRL tokens/s", ratio("tokens_per_s"), ratio("tokens_per_cpu_s"), "> 1 = ours faster"))
 
 
 if __name__ == "__main__":

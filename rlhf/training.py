@@ -34,8 +34,13 @@ def make_optimizer(params, optim: OptimSettings) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: one multi-tensor kernel per step instead of a Python loop over parameters (torch picks it on GPU only)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), foreach=True)
+    # fused: one kernel for the whole update (on CPU 3x faster than foreach for the demo models, which TRL's default
+    # already uses); foreach (one multi-tensor kernel per op) where a device has no fused kernel
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), foreach=True)
 
 
 def lr_factor(step: int, optim: OptimSettings, max_steps: int) -> float:
@@ -265,3 +270,15 @@ def end_of_step(ctx, accelerator, train, done: int, counters: dict, timer: StepT
         save_checkpoint(accelerator, ctx.dir, done, {**counters, **(state or {}), "seconds": timer.elapsed},
                         train.keep_checkpoints)
     return lap
+
+
+def final_eval_and_save(ctx, accelerator, policy, metrics: dict, evaluate, counters: dict, timer: StepTimer,
+                        max_steps: int, merged: bool = False) -> dict:
+    """A policy stage's last step: final evaluation logged at `max_steps`, then the bare policy saved in Hugging Face
+    format by the main process (the adapter, or with `merged` the merged model). Returns `metrics` updated."""
+    metrics.update(evaluate())
+    ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=max_steps)
+    if accelerator.is_main_process:
+        policy.unwrapped(accelerator).save(ctx.dir, merged=merged)
+    accelerator.wait_for_everyone()
+    return metrics

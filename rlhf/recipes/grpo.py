@@ -41,7 +41,7 @@ from rlhf.rollout import make_experience
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state, sync_unless_last,
 )
 from rlhf.types import Experience, cat_rollouts
@@ -213,12 +213,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
 
     # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
-    metrics.update(evaluate())
-    ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
-    if accelerator.is_main_process:
-        policy.unwrapped(accelerator).save(ctx.dir, merged=cfg.save_merged)
-    accelerator.wait_for_everyone()
-    return metrics
+    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps, merged=cfg.save_merged)
 
 
 def _policy_loss(policy, part: Experience, loss_mask, cfg: Config, agg: str, normalizer, beta: float, kl_in_reward: bool):

@@ -17,7 +17,7 @@ from rlhf.losses import lm_loss
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state, sync_unless_last,
 )
 from rlhf.tracking import progress
@@ -105,9 +105,4 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         metrics["loss/total"] = loss_sum
 
     # 7. final evaluation and the model in Hugging Face format ---------------------------------------------------
-    metrics.update(evaluate())
-    ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=cfg.train.max_steps)
-    if accelerator.is_main_process:
-        policy.unwrapped(accelerator).save(ctx.dir)
-    accelerator.wait_for_everyone()
-    return metrics
+    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps)
