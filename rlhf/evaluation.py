@@ -19,8 +19,10 @@ from rlhf.config import GenerationSettings
 from rlhf.data import Record
 from rlhf.tracking import progress
 
-# (prompts, completions, records (one per completion), ended) -> one score per completion
-ScoreFn = Callable[[Sequence[str], Sequence[str], Sequence[dict], Sequence[bool]], Sequence[float]]
+# (prompts, completions, records (one per completion), ended) -> one score per completion, or (scores, extras): extras
+# maps a name to one more score per completion (e.g. "rm_score": the training reward next to the gold score)
+ScoreFn = Callable[[Sequence[str], Sequence[str], Sequence[dict], Sequence[bool]],
+                   "Sequence[float] | tuple[Sequence[float], dict[str, Sequence[float]]]"]
 
 
 def world_gold_scores(prompts, completions, records, ended) -> list[float]:
@@ -37,6 +39,7 @@ class PromptScores:
     tasks: list[str]
     greedy: list[float]
     groups: list[str] = field(default_factory=list)  # finer labels (e.g. "add/reason") when grouped by more than the task
+    extras: dict[str, list[float]] = field(default_factory=dict)  # name -> the score fn's extra scores of the greedy completions
     sampled: list[list[float]] = field(default_factory=list)  # (prompts, n) scores of the sampled completions
     lengths: list[int] = field(default_factory=list)  # greedy response lengths
     ended: list[bool] = field(default_factory=list)
@@ -69,7 +72,10 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
         chunk = records[start:start + generation.batch_size]
         prompts = [r["prompt"] for r in chunk]
         rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True)
-        out.greedy += [float(s) for s in score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist())]
+        scores, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
+        out.greedy += scores
+        for name, values in extras.items():
+            out.extras.setdefault(name, []).extend(values)
         out.lengths += rollout.lengths.tolist()
         out.ended += rollout.ended.tolist()
         if generation.samples:
@@ -77,9 +83,14 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
             rollout = policy.generate(prompts, n=k, max_new_tokens=generation.max_new_tokens,
                                       temperature=generation.temperature, seed=seed * 1_000_003 + start)
             rows = [chunk[i] for i in rollout.prompt_index.tolist()]
-            scores = [float(s) for s in score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist())]
+            scores, _ = _split(score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist()))
             out.sampled += [scores[i * k:(i + 1) * k] for i in range(len(chunk))]
     return out
+
+
+def _split(result) -> tuple[list[float], dict[str, list[float]]]:
+    scores, extras = result if isinstance(result, tuple) else (result, {})
+    return [float(s) for s in scores], {k: [float(v) for v in vs] for k, vs in extras.items()}
 
 
 def _dotted(record: dict, key: str):
@@ -118,6 +129,7 @@ def summarize(scores: PromptScores, k: int | None = None) -> dict[str, float]:
         per_task("eval/sampled/gold_score", scores.sampled_mean())
         per_task("eval/sampled/pass@k", [max(s) for s in scores.sampled])
         metrics["eval/sampled/k"] = float(k or len(scores.sampled[0]))
+    metrics.update({f"eval/{name}": sum(v) / len(v) for name, v in scores.extras.items() if v})
     metrics["eval/response_length"] = sum(scores.lengths) / len(scores.lengths)
     metrics["eval/truncated_frac"] = 1.0 - sum(scores.ended) / len(scores.ended)
     return metrics

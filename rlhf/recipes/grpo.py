@@ -124,7 +124,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     def evaluate() -> dict[str, float]:
         if not eval_records:
             return {}
-        score_fn = _score_fn(eval_scorer)
+        score_fn = _score_fn(eval_scorer, scorer if eval_scorer is not scorer else None)
         return evaluate_gold(policy.unwrapped(accelerator), eval_records, cfg.eval.generation, score_fn, seed=cfg.seed)
 
     # 6. the loop -----------------------------------------------------------------------------------------------
@@ -302,9 +302,14 @@ def _prompts(source: str, tasks: list[str] | None, limit: int | None, tokenizer)
     return records
 
 
-def _score_fn(scorer: Scorer):
+def _score_fn(gold: Scorer, train: Scorer | None = None):
+    """Evaluation scores: `gold` (the eval rewards) and, when the training rewards differ, their score of the same
+    completions as `eval/rm_score` — gold vs training reward side by side shows reward over-optimization."""
     def score(prompts, completions, rows, ended):
-        return scorer.score(prompts, completions, rows, ended=ended).total.tolist()
+        total = gold.score(prompts, completions, rows, ended=ended).total.tolist()
+        if train is None:
+            return total
+        return total, {"rm_score": train.score(prompts, completions, rows, ended=ended).total.tolist()}
     return score
 
 

@@ -148,6 +148,12 @@ def test_user_prompts_with_rule_rewards_log_eval_through_the_scorer(tmp_path, po
                     {"name": "short", "rule": "length_penalty", "params": {"max_words": 1}}]})
     result = run_stage("grpo", cfg)
     assert "eval/gold_score" in result["metrics"] and "eval/gold_score/all" in result["metrics"]
+    assert "eval/rm_score" not in result["metrics"]  # eval scored by the training rewards themselves
+    # a separate gold scorer: the training reward of the same completions is logged next to it (over-optimization)
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "out2")})
+    cfg.eval.rewards = [RewardComponent(name="exact", rule="exact_match", params={"field": "answer"})]
+    metrics = run_stage("grpo", cfg)["metrics"]
+    assert "eval/rm_score" in metrics and metrics["eval/rm_score"] <= metrics["eval/gold_score"]
 
 
 def test_make_experience_shapes_and_phases(policy_dir, prompts_file):
