@@ -6,8 +6,15 @@ judgments are acknowledged in all. Afterwards it checks the database: exactly th
 (pair, annotator) twice, no pair over its overlap. Prints p50/p95 latency of fetching a pair and of submitting a
 judgment. Bounded: a fixed number of judgments, and `--timeout` seconds for the whole run; 127.0.0.1 only.
 
+`--stage N [N ...]` times the collect *step* instead (what the `collect` pipeline stage does after sampling: simulated
+annotators judge over HTTP until N judgments, then export and statistics), with the pipeline config's assignment
+settings (configs/collect/pipeline.yaml: overlap 1, 8 annotators, 224 pairs ready ahead, world-margin gold items)
+on a fixed pair file instead of the policy, so the time is the app's own. It prints each size's time and the ratio
+of the last size's time to the first's next to the ratio of the sizes: equal ratios = linear.
+
     python benchmarks/bench_collect.py                     # 20 clients, 1000 judgments (the recorded setting)
     python benchmarks/bench_collect.py --database postgresql+psycopg://...   # against PostgreSQL instead
+    python benchmarks/bench_collect.py --stage 2000 6000   # the collect step at two sizes (scaling)
 """
 
 from __future__ import annotations
@@ -167,6 +174,71 @@ def run_benchmark(clients: int = 20, judgments: int = 1000, overlap: int = 2, ti
     return result
 
 
+def write_task_pairs(path: Path, n: int) -> None:
+    """Addition pairs with the `task`/`meta` the simulated annotators score with: a right and a wrong sum."""
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = rng.randint(10, 99), rng.randint(10, 99) + 100 * i
+            good, bad = f" {a + b}", f" {a + b + rng.choice([-11, -1, 1, 10])}"
+            first = rng.random() < 0.5
+            f.write(json.dumps({"prompt": f"<add> {a}+{b}=", "response_a": good if first else bad,
+                                "response_b": bad if first else good, "source_a": "good" if first else "bad",
+                                "source_b": "bad" if first else "good", "task": "add",
+                                "meta": {"a": a, "b": b, "answer": a + b, "format": "direct"}}) + "\n")
+
+
+def run_stage_benchmark(judgments: int, annotators: int = 8, workdir: str | None = None) -> dict:
+    """Time the collect step (simulate over HTTP, export, statistics) for `judgments` judgments; see the docstring."""
+    from rlhf.collect.export import export
+    from rlhf.collect.report import summarize
+    from rlhf.collect.settings import CollectConfig
+    from rlhf.collect.simulate import simulate
+    from rlhf.config import validate
+
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="bench-collect-stage-"))
+    pairs_file = tmp / "pairs.jsonl"
+    write_task_pairs(pairs_file, judgments + 500)
+    cfg = validate(CollectConfig, {
+        "output_dir": str(tmp), "pairs": {"file": str(pairs_file), "ready_ahead": 224},
+        "assignment": {"overlap": 1, "gold_rate": 0.02, "lease_seconds": 300},
+        "gold": {"world_margin": 0.5, "max_items": 20},
+        "simulate": {"annotators": annotators, "judgments": judgments, "temperature": 0.2, "timeout_s": 1800},
+        "export": {"ties": "keep", "bootstrap": 200},
+    }, "bench")
+    store = Store.open(cfg.database_url())
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    result = simulate(cfg, store, log=lambda _message: None)
+    wall1 = time.perf_counter()
+    summary = export(store, tmp / "preferences", cfg.export)
+    wall2 = time.perf_counter()
+    stats = summarize(store.judgment_rows(), cfg.assignment.overlap, store.pair_counts(),
+                      bootstrap=cfg.export.bootstrap, seed=cfg.seed)
+    wall3 = time.perf_counter()
+    store.close()
+    if stats["judgments"] != judgments or result.stopped_because != "target reached":
+        raise AssertionError(f"stored {stats['judgments']} of {judgments} judgments ({result.stopped_because})")
+    return {"judgments": judgments, "simulate_s": round(wall1 - wall0, 2), "export_s": round(wall2 - wall1, 2),
+            "stats_s": round(wall3 - wall2, 2), "total_s": round(wall3 - wall0, 2),
+            "cpu_s": round(time.process_time() - cpu0, 2), "exported_rows": summary["rows"]}
+
+
+def stage_main(sizes: list[int]) -> int:
+    import datasets  # noqa: F401 - imported before timing (the first export would pay for it)
+    import rlhf.world  # noqa: F401 - the simulated annotators' scorer, likewise
+
+    run_stage_benchmark(100)  # warm-up: imports, first connections, caches
+    results = []
+    for n in sizes:
+        results.append(run_stage_benchmark(n))
+        print(json.dumps(results[-1]), flush=True)
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        print(f"time({last['judgments']})/time({first['judgments']}) = {last['total_s'] / first['total_s']:.2f} wall, "
+              f"{last['cpu_s'] / first['cpu_s']:.2f} CPU-s, for {last['judgments'] / first['judgments']:.2f}x the judgments")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
@@ -174,7 +246,11 @@ def main() -> int:
     parser.add_argument("--overlap", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300, help="seconds for the whole run")
     parser.add_argument("--database", help="SQLAlchemy URL (default: SQLite in a temp dir)")
+    parser.add_argument("--stage", type=int, nargs="+", metavar="N",
+                        help="time the collect step (simulate + export + stats) at these judgment counts instead")
     args = parser.parse_args()
+    if args.stage:
+        return stage_main(args.stage)
     result = run_benchmark(args.clients, args.judgments, args.overlap, args.timeout, args.database)
     print(json.dumps(result, indent=2))
     print(f"{result['clients']} clients stored {result['judgments_stored']} judgments ({result['duplicates']} duplicates) "

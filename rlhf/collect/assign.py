@@ -3,7 +3,8 @@
 Rules, in order:
 1. An annotator with a shown but unjudged, unexpired assignment gets the same one back (a page reload is stable).
 2. With probability `gold_rate`, a gold item this annotator has not seen yet.
-3. Otherwise a regular pair this annotator has never been assigned, whose judged + leased slots are below `overlap`;
+3. Otherwise a regular pair this annotator has never been assigned, whose judged + leased slots are below `overlap`
+   (`storage.open_regular_pairs`; only unfinished pairs are looked at, so the cost does not grow with the database);
    with `active`, the pair the reward model is least certain about first; then pairs closest to completion (so
    overlap - and with it agreement data - fills early); then the oldest.
 The left/right order is drawn per assignment and stored with it, so the judgment records what the annotator saw.
@@ -19,10 +20,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from rlhf.collect.settings import AssignmentSettings
-from rlhf.collect.storage import Store, assignments, decode_pair, pairs
+from rlhf.collect.storage import Store, assignments, decode_pair, open_regular_pairs, pairs, slots_taken
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,46 @@ class Assignment:
     left: str
     right: str
     is_gold: bool
+
+
+def _not_seen_by(annotator_id):
+    seen = select(assignments.c.id).where(
+        (assignments.c.pair_id == pairs.c.id) & (assignments.c.annotator_id == annotator_id)
+    )
+    return ~seen.exists()
+
+
+# The statements of `next_for`, built once with bound parameters: building (and cache-keying) these expression trees
+# on every request cost ~0.6 ms of CPU, ten times what SQLite then spends running them.
+_WHO, _CUTOFF, _OVERLAP = bindparam("annotator_id"), bindparam("cutoff"), bindparam("overlap")
+_PENDING = (
+    select(assignments.c.id, assignments.c.pair_id, assignments.c.left)
+    .where(assignments.c.annotator_id == _WHO)
+    .where(assignments.c.completed.is_(False) & (assignments.c.issued_at > _CUTOFF))
+    .order_by(assignments.c.issued_at)
+    .limit(1)
+)
+_GOLD = select(pairs.c.id).where(pairs.c.gold_label.is_not(None)).where(_not_seen_by(_WHO))
+
+
+def _regular_query(active: bool):
+    order = [slots_taken(_CUTOFF).desc(), pairs.c.id]
+    if active:
+        # Unscored pairs (null uncertainty) go after scored ones on both backends.
+        order = [func.coalesce(pairs.c.uncertainty, -1.0).desc(), *order]
+    return (
+        select(pairs.c.id)
+        .where(_not_seen_by(_WHO))  # first: an index probe that rules out this person's pairs
+        .where(open_regular_pairs(_OVERLAP, _CUTOFF))
+        .order_by(*order)
+        .limit(1)
+    )
+
+
+_REGULAR = {False: _regular_query(False), True: _regular_query(True)}
+_VIEW = select(pairs.c.prompt, pairs.c.response_a, pairs.c.response_b, pairs.c.gold_label).where(
+    pairs.c.id == bindparam("pair_id")
+)
 
 
 class Assigner:
@@ -51,13 +92,7 @@ class Assigner:
         cutoff = now - self.settings.lease_seconds
         # Not durable: a lease lost to a power cut only frees its slot early (the judgment itself is durable).
         with self.store.write(durable=False) as conn:
-            pending = conn.execute(
-                select(assignments.c.id, assignments.c.pair_id, assignments.c.left)
-                .where(assignments.c.annotator_id == annotator_id)
-                .where(assignments.c.completed.is_(False) & (assignments.c.issued_at > cutoff))
-                .order_by(assignments.c.issued_at)
-                .limit(1)
-            ).first()
+            pending = conn.execute(_PENDING, {"annotator_id": annotator_id, "cutoff": cutoff}).first()
             if pending is not None:
                 return self._view(conn, pending.id, pending.pair_id, pending.left)
             pair_id = None
@@ -69,50 +104,21 @@ class Assigner:
                 return None
             left = self.rng.choice(("a", "b"))
             assignment_id = secrets.token_hex(16)
-            conn.execute(assignments.insert().values(
-                id=assignment_id, pair_id=pair_id, annotator_id=annotator_id, left=left, issued_at=now, completed=False
-            ))
+            conn.execute(assignments.insert(), {"id": assignment_id, "pair_id": pair_id, "annotator_id": annotator_id,
+                                                "left": left, "issued_at": now, "completed": False})
             return self._view(conn, assignment_id, pair_id, left)
 
-    @staticmethod
-    def _not_seen_by(annotator_id: int):
-        seen = select(assignments.c.id).where(
-            (assignments.c.pair_id == pairs.c.id) & (assignments.c.annotator_id == annotator_id)
-        )
-        return ~seen.exists()
-
     def _gold_pair(self, conn: Connection, annotator_id: int) -> int | None:
-        candidates = conn.execute(
-            select(pairs.c.id).where(pairs.c.gold_label.is_not(None)).where(self._not_seen_by(annotator_id))
-        ).scalars().all()
+        candidates = conn.execute(_GOLD, {"annotator_id": annotator_id}).scalars().all()
         return self.rng.choice(candidates) if candidates else None
 
     def _regular_pair(self, conn: Connection, annotator_id: int, cutoff: float) -> int | None:
-        taken = (
-            select(func.count())
-            .select_from(assignments)
-            .where(assignments.c.pair_id == pairs.c.id)
-            .where(assignments.c.completed.is_(True) | (assignments.c.issued_at > cutoff))
-            .scalar_subquery()
-        )
-        order = [taken.desc(), pairs.c.id]
-        if self.settings.active:
-            # Unscored pairs (null uncertainty) go after scored ones on both backends.
-            order = [func.coalesce(pairs.c.uncertainty, -1.0).desc(), *order]
-        return conn.execute(
-            select(pairs.c.id)
-            .where(pairs.c.gold_label.is_(None))
-            .where(self._not_seen_by(annotator_id))
-            .where(taken < self.settings.overlap)
-            .order_by(*order)
-            .limit(1)
-        ).scalar()
+        params = {"annotator_id": annotator_id, "cutoff": cutoff, "overlap": self.settings.overlap}
+        return conn.execute(_REGULAR[self.settings.active], params).scalar()
 
     @staticmethod
     def _view(conn: Connection, assignment_id: str, pair_id: int, left: str) -> Assignment:
-        row = decode_pair(conn.execute(
-            select(pairs.c.prompt, pairs.c.response_a, pairs.c.response_b, pairs.c.gold_label).where(pairs.c.id == pair_id)
-        ).mappings().one())
+        row = decode_pair(conn.execute(_VIEW, {"pair_id": pair_id}).mappings().one())
         a, b = row["response_a"], row["response_b"]
         return Assignment(
             id=assignment_id,

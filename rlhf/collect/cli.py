@@ -1,12 +1,13 @@
 """`rlhf collect <command>`: the preference-collection app and its tools.
 
-    serve          start the web app (pairs generated in the background); --simulate lets simulated annotators
-                   judge first
-    add-annotator  create an annotator (or --admin) and print their token
-    export         write the judgments as a `datasets` preference dataset
-    leaderboard    Bradley-Terry ratings of the checkpoints with bootstrap intervals
-    simulate       simulated annotators judge over HTTP until `simulate.judgments`, then print statistics
-    stats          the admin page's statistics as JSON
+    serve             start the web app (pairs generated in the background); --simulate lets simulated annotators
+                      judge first
+    add-annotator     create an annotator (or --admin) and print their token
+    revoke-annotator  disable an annotator's token and end their sessions (running servers included, at once)
+    export            write the judgments as a `datasets` preference dataset
+    leaderboard       Bradley-Terry ratings of the checkpoints with bootstrap intervals
+    simulate          simulated annotators judge over HTTP until `simulate.judgments`, then print statistics
+    stats             the admin page's statistics as JSON
 
 Every command takes `--config FILE` plus dotted `key=value` overrides. Bad input raises `UserError`.
 """
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = command("add-annotator", "create an annotator and print their token")
     add.add_argument("--name", required=True, help="annotator name (unique)")
     add.add_argument("--admin", action="store_true", help="may open the admin page and /api/stats")
+    revoke = command("revoke-annotator", "disable an annotator's token and end their sessions")
+    revoke.add_argument("--name", required=True, help="the annotator to revoke (their judgments are kept)")
     export = command("export", "write the preference dataset")
     export.add_argument("--out", required=True, help="output directory (datasets.save_to_disk)")
     board = command("leaderboard", "Bradley-Terry leaderboard of the checkpoints")
@@ -87,6 +90,14 @@ def _add_annotator(cfg, store, args) -> int:
     return 0
 
 
+def _revoke_annotator(cfg, store, args) -> int:
+    ended = store.revoke_annotator(args.name)
+    state = "was already revoked" if ended["already_revoked"] else "revoked"
+    print(f"{args.name!r} {state}: token disabled, {ended['sessions']} session(s) ended, {ended['leases']} unjudged "
+          "lease(s) released; running servers refuse them from the next request on. Their judgments are kept.")
+    return 0
+
+
 def _export(cfg, store, args) -> int:
     from rlhf.collect.export import export
 
@@ -133,6 +144,7 @@ def _safe_url(url: str) -> str:
 COMMANDS = {
     "serve": _serve,
     "add-annotator": _add_annotator,
+    "revoke-annotator": _revoke_annotator,
     "export": _export,
     "leaderboard": _leaderboard,
     "simulate": _simulate,

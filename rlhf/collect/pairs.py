@@ -88,7 +88,8 @@ class PolicyPairSource:
     """Two responses per prompt from policy checkpoints, cycling over the prompt set with a new seed each round.
 
     `policies` maps a display name (the checkpoint path) to a loaded `PolicyModel`; one entry = `samples_per_prompt`
-    (K) samples of it and a pair for every two distinct ones (K-wise comparisons), two entries = one sample from each. Pairs with identical responses carry no preference, and blank responses
+    (K) samples of it and a pair for every two distinct ones (K-wise comparisons), two entries = one sample from each.
+    Pairs with identical responses carry no preference, and blank responses
     (an immediate EOS) give nothing to read; both are skipped.
     """
 

@@ -1,15 +1,22 @@
 """The collection web app: server-rendered pages for annotators and the admin, plus a small JSON API.
 
 Security model:
-- Every page and API route needs an annotator token: `Authorization: Bearer <token>` or the `rlhf_token` cookie set
-  by signing in. Anything else gets 401 (pages answer with the sign-in form, still 401). Only `/static` (the app's
-  own CSS/JS, no data) and the sign-in POST itself are open.
+- Every page and API route needs a credential: `Authorization: Bearer <annotator token>`, or the `rlhf_session`
+  cookie that signing in with the token sets. Anything else gets 401 (pages answer with the sign-in form, still
+  401). Only `/static` (the app's own CSS/JS, no data) and the sign-in POST itself are open.
+- The cookie holds a random session id, never the token; the database stores only hashes of both. Signing out
+  deletes the session, and `rlhf collect revoke-annotator` disables the token and deletes the sessions. Nothing is
+  cached in the server: every request is checked against the database, so both take effect on the next request.
+- Sign-in refuses cross-site requests (login CSRF: a foreign page signing the visitor in as someone else):
+  `Sec-Fetch-Site` other than same-origin/none, an `Origin` of another host, and `Origin: null` (sandboxed frames,
+  data: URLs) are 403. Clients that send neither header (curl, scripts) may sign in.
 - State-changing requests authenticated by cookie must carry the CSRF token (form field `csrf_token` or header
-  `X-CSRF-Token`), an HMAC of the annotator's token under a per-database secret. Bearer requests need none: a
-  browser never attaches that header on its own.
+  `X-CSRF-Token`), an HMAC of the session under a per-database secret. Bearer requests need none: a browser never
+  attaches that header on its own.
 - Model outputs are data: Jinja autoescaping renders them as text, and a strict Content-Security-Policy (no inline
-  script, no foreign origins) backs that up.
-- Bodies over `server.max_body_bytes` get 413 before they are read; invalid input gets 4xx and stores nothing.
+  script, no foreign origins) backs that up. Every response carries the security headers, 413 and 500 included.
+- Bodies over `server.max_body_bytes` get 413 before they are read; invalid input (wrong types - no coercion of
+  "2" or 2.0 or true to a strength -, NaN, text that is not valid Unicode) gets 4xx and stores nothing.
 """
 
 from __future__ import annotations
@@ -19,51 +26,70 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf.collect.assign import Assigner
 from rlhf.collect.pairs import PairFeeder
 from rlhf.collect.report import summarize
 from rlhf.collect.settings import CollectConfig
-from rlhf.collect.storage import Annotator, ConflictingJudgment, Store, UnknownAssignment, hash_token
+from rlhf.collect.storage import Annotator, ConflictingJudgment, SlotTaken, Store, UnknownAssignment, hash_token
 
 HERE = Path(__file__).parent
-COOKIE = "rlhf_token"
+COOKIE = "rlhf_session"  # a session id
+LEGACY_COOKIE = "rlhf_token"  # schema-1 servers kept the token itself here: ignored, and deleted at sign-in/out
 MAX_TOKEN_CHARS = 256
 SECURITY_HEADERS = [
     (b"content-security-policy",
      b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
      b"frame-ancestors 'none'; base-uri 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # Not no-referrer: under it browsers send `Origin: null` even for our own sign-in form, and sign-in refuses
+    # null origins. same-origin still sends no referrer to any other site.
+    (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+SAME_SITE_FETCHES = {"same-origin", "none"}  # Sec-Fetch-Site values of a sign-in from our own page or typed by hand
 
 
 @dataclass(frozen=True)
 class Caller:
     annotator: Annotator
-    token: str
+    credential: str  # hash of the session id (cookie) or of the token (bearer): what the CSRF token is bound to
     via_cookie: bool
 
 
-class JudgmentIn(BaseModel):
-    """A judgment as the API accepts it; `choice` is relative to the displayed order (left = A)."""
+def valid_text(value: str) -> str:
+    """Refuse strings that are not valid Unicode (a lone UTF-16 surrogate, which JSON's \\udXXX escapes can
+    carry): they cannot be stored or even encoded as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    return value
 
-    model_config = ConfigDict(extra="forbid")
+
+class JudgmentIn(BaseModel):
+    """A judgment as the API accepts it; `choice` is relative to the displayed order (left = A). Strict types:
+    `"2"`, `2.0` and `true` are not a strength."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     assignment_id: str = Field(min_length=1, max_length=64)
     choice: Literal["left", "right", "tie", "both_bad"]
     strength: int | None = Field(None, ge=1, le=3)
     rationale: str = ""
+
+    _valid_text = field_validator("assignment_id", "rationale")(valid_text)
 
 
 class BodyLimit:
@@ -96,8 +122,26 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+def with_security_headers(response: Response) -> Response:
+    """Add the security headers to a response sent outside the middleware (the 500 handler's)."""
+    for key, value in SECURITY_HEADERS:
+        response.headers.setdefault(key.decode(), value.decode())
+    return response
+
+
+def safe_errors(errors) -> list[dict]:
+    """Validation errors as JSON-safe dicts: the rejected input and its context are left out (they may hold NaN
+    or a lone surrogate, which cannot be written as JSON), and the location is made printable."""
+    out = []
+    for err in errors:
+        loc = [part if isinstance(part, int) else str(part).encode("utf-8", "replace").decode() for part in err["loc"]]
+        out.append({"type": err["type"], "loc": loc, "msg": str(err["msg"]).encode("utf-8", "replace").decode()})
+    return out
+
+
 class SecurityHeaders:
-    """ASGI middleware adding the CSP and related headers to every response."""
+    """ASGI middleware adding the CSP and related headers to every response. Installed outermost (after
+    `BodyLimit`), so the limit's 400/413 answers carry them too; the 500 handler adds them itself."""
 
     def __init__(self, app):
         self.app = app
@@ -131,7 +175,7 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
     guidelines = cfg.guidelines_text()
     version = cfg.guidelines.version
     csrf_secret = store.csrf_secret()
-    known: dict[str, Annotator] = {}  # token hash -> annotator; tokens are never revoked, so this cache stays true
+    session_seconds = cfg.server.session_hours * 3600
     templates = Environment(
         loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True, default_for_string=True)
     )
@@ -154,8 +198,8 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
     app = FastAPI(title="rlhf collect", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
-    def csrf_for(token: str) -> str:
-        return hmac.new(csrf_secret, b"csrf:" + hash_token(token).encode(), hashlib.sha256).hexdigest()
+    def csrf_for(who: Caller) -> str:
+        return hmac.new(csrf_secret, b"csrf:" + who.credential.encode(), hashlib.sha256).hexdigest()
 
     def render(name: str, status_code: int = 200, **context) -> HTMLResponse:
         return HTMLResponse(templates.get_template(name).render(version=version, **context), status_code=status_code)
@@ -177,6 +221,22 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
         response.headers.update(headers)
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = safe_errors(exc.errors())
+        if not wants_html(request):
+            return JSONResponse({"detail": errors}, 422)
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'request'}: {e['msg']}" for e in errors)
+        return render("error.html", 422, status=422, detail=f"invalid request - {detail}")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        # Runs in Starlette's outermost middleware, outside SecurityHeaders: the headers are added here. The
+        # exception is logged by the server (Starlette re-raises it after this response is sent).
+        if wants_html(request):
+            return with_security_headers(PlainTextResponse("Internal Server Error", 500))
+        return with_security_headers(JSONResponse({"detail": "internal server error"}, 500))
+
     async def caller(request: Request) -> Caller:
         """Authenticate the request, and check CSRF on cookie-authenticated state changes."""
         header = request.headers.get("authorization")
@@ -184,27 +244,32 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer":
                 raise HTTPException(401, "use Authorization: Bearer <token>")
-            via_cookie = False
-        else:
-            token, via_cookie = request.cookies.get(COOKIE, ""), True
-        token = token.strip()
-        if not token or len(token) > MAX_TOKEN_CHARS:
-            raise HTTPException(401, "sign in with your annotator token")
-        annotator = known.get(hash_token(token))
-        if annotator is None:
-            annotator = store.find_annotator(token)
+            token = token.strip()
+            if not token or len(token) > MAX_TOKEN_CHARS:
+                raise HTTPException(401, "sign in with your annotator token")
+            annotator = store.find_annotator(token)  # read every time: a revoked token fails at once
             if annotator is None:
-                raise HTTPException(401, "unknown token")
-            known[hash_token(token)] = annotator
-        if via_cookie and request.method in STATE_CHANGING:
+                raise HTTPException(401, "unknown or revoked token")
+            return Caller(annotator, "token:" + hash_token(token), via_cookie=False)
+        session = request.cookies.get(COOKIE, "").strip()
+        if not session or len(session) > MAX_TOKEN_CHARS:
+            raise HTTPException(401, "sign in with your annotator token")
+        annotator = store.session_annotator(session)
+        if annotator is None:
+            raise HTTPException(401, "your session ended (signed out, expired or revoked); sign in again")
+        who = Caller(annotator, "session:" + hash_token(session), via_cookie=True)
+        if request.method in STATE_CHANGING:
             sent = request.headers.get("x-csrf-token")
             if sent is None and request.headers.get("content-type", "").startswith(
                 ("application/x-www-form-urlencoded", "multipart/form-data")
             ):
                 sent = (await request.form()).get("csrf_token")
-            if not isinstance(sent, str) or not hmac.compare_digest(sent, csrf_for(token)):
+            # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a 403).
+            if not isinstance(sent, str) or not hmac.compare_digest(
+                sent.encode("utf-8", "surrogatepass"), csrf_for(who).encode()
+            ):
                 raise HTTPException(403, "missing or wrong CSRF token; reload the page and try again")
-        return Caller(annotator, token, via_cookie)
+        return who
 
     def admin(who: Caller = Depends(caller)) -> Caller:
         if not who.annotator.is_admin:
@@ -225,11 +290,12 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
             raise HTTPException(422, "rationale contains a NUL character")
         try:
             stored = store.record_judgment(
-                who.annotator.id, item.assignment_id, item.choice, item.strength, item.rationale, version
+                who.annotator.id, item.assignment_id, item.choice, item.strength, item.rationale, version,
+                overlap=assigner.settings.overlap, lease_seconds=assigner.settings.lease_seconds,
             )
         except UnknownAssignment:
             raise HTTPException(404, "unknown assignment") from None
-        except ConflictingJudgment as exc:
+        except (ConflictingJudgment, SlotTaken) as exc:
             raise HTTPException(409, str(exc)) from None
         if feeder is not None:
             feeder.wake()
@@ -239,20 +305,24 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
 
     @app.post("/login")
     async def login(request: Request, token: str = Form("", max_length=MAX_TOKEN_CHARS)):
-        origin = request.headers.get("origin")
-        if origin not in (None, "null") and origin.split("://", 1)[-1] != request.headers.get("host"):
-            raise HTTPException(403, "cross-site sign-in refused")
-        if not token.strip() or store.find_annotator(token.strip()) is None:
-            raise HTTPException(401, "unknown token")
+        if not same_site_sign_in(request):
+            raise HTTPException(403, "cross-site sign-in refused: sign in from this app's own page")
+        annotator = store.find_annotator(token.strip()) if token.strip() else None
+        if annotator is None:
+            raise HTTPException(401, "unknown or revoked token")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", max_age=30 * 24 * 3600)
+        response.set_cookie(COOKIE, store.create_session(annotator.id, session_seconds), httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https", max_age=int(session_seconds))
+        response.delete_cookie(LEGACY_COOKIE)
         return response
 
     @app.post("/logout")
-    def logout(who: Caller = Depends(caller)):
+    def logout(request: Request, who: Caller = Depends(caller)):
+        if who.via_cookie:
+            store.end_session(request.cookies.get(COOKIE, "").strip())
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(COOKIE)
+        response.delete_cookie(LEGACY_COOKIE)
         return response
 
     @app.get("/", response_class=HTMLResponse)
@@ -264,7 +334,7 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
             item=item,
             turns=prompt_turns(item.prompt) if item else [],
             me=who.annotator,
-            csrf=csrf_for(who.token),
+            csrf=csrf_for(who),
             mine=store.count_judgments(who.annotator.id),
             overall=counts["regular_judgments"],
             target=counts["pairs"] * cfg.assignment.overlap,
@@ -283,20 +353,24 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
     ):
         if strength not in ("", "1", "2", "3"):
             raise HTTPException(422, "strength must be 1, 2 or 3")
-        item = JudgmentIn(assignment_id=assignment_id, choice=choice, strength=int(strength) if strength else None,
-                          rationale=rationale)
+        try:
+            item = JudgmentIn(assignment_id=assignment_id, choice=choice, strength=int(strength) if strength else None,
+                              rationale=rationale)
+        except ValidationError as exc:
+            raise HTTPException(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                               for e in safe_errors(exc.errors()))) from None
         store_judgment(who, item)
         return RedirectResponse("/", status_code=303)
 
     @app.get("/guidelines", response_class=HTMLResponse)
     def guidelines_page(who: Caller = Depends(caller)):
-        return render("guidelines.html", me=who.annotator, csrf=csrf_for(who.token), guidelines=guidelines)
+        return render("guidelines.html", me=who.annotator, csrf=csrf_for(who), guidelines=guidelines)
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin_page(who: Caller = Depends(admin)):
         stats = summarize(store.judgment_rows(), cfg.assignment.overlap, store.pair_counts(),
                           bootstrap=min(cfg.export.bootstrap, 100), seed=cfg.seed)
-        return render("admin.html", me=who.annotator, csrf=csrf_for(who.token), stats=stats,
+        return render("admin.html", me=who.annotator, csrf=csrf_for(who), stats=stats,
                       feeder=feeder, overlap=cfg.assignment.overlap)
 
     # -- JSON API --------------------------------------------------------------------------------------------------
@@ -322,6 +396,29 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
         return summarize(store.judgment_rows(), cfg.assignment.overlap, store.pair_counts(),
                          bootstrap=min(cfg.export.bootstrap, 100), seed=cfg.seed)
 
-    app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # added last = outermost: it also sees BodyLimit's own answers
     return app
+
+
+def same_site_sign_in(request: Request) -> bool:
+    """Whether a sign-in POST comes from this app's own page (or from a client that is no browser).
+
+    Refused: `Sec-Fetch-Site` other than same-origin/none (browsers send it on every request; a sibling subdomain
+    is `same-site` and refused as well), `Origin: null` (a sandboxed iframe, a data: URL, some redirects: the
+    browser hides the origin, so it cannot be ours), and an `Origin` whose host is not the Host this request was
+    sent to. Without either header (curl, scripts, very old browsers) the sign-in is allowed: current browsers send
+    `Origin` with every POST, and a non-browser client has no victim's cookie jar to plant a session in."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in SAME_SITE_FETCHES:
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    if origin.strip().lower() == "null":
+        return False
+    try:
+        netloc = urlsplit(origin.strip()).netloc
+    except ValueError:
+        return False
+    return bool(netloc) and netloc.lower() == (request.headers.get("host") or "").lower()

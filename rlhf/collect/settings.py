@@ -18,6 +18,9 @@ class ServerSettings(Section):
     port: int = Field(8765, ge=0, le=65535, description="TCP port (0 = any free port)")
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies are refused with 413")
     max_rationale_chars: int = Field(2000, ge=0, description="longest free-text rationale accepted")
+    session_hours: float = Field(
+        168, gt=0, description="a browser sign-in lasts this long unless the annotator signs out or is revoked first"
+    )
 
 
 class GenerationSettings(Section):

@@ -112,6 +112,9 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
                 started = time.perf_counter()
                 sent = client.post("/api/judgments", json={"assignment_id": item["id"], "choice": SIDE_OF_OUTCOME[outcome]})
                 elapsed = time.perf_counter() - started
+                if sent.status_code == 409 and "lease ran out" in sent.text:
+                    budget.release()  # judged too slowly: the slot went to someone else, nothing was stored
+                    continue
                 if sent.status_code not in (200, 201):
                     errors.append(f"judgment refused with {sent.status_code}: {sent.text[:200]}")
                     return

@@ -2,8 +2,11 @@
 sign in, judge by click and by keyboard, see the next pair, and model outputs that try to run script never do.
 Screenshots land in $PYTEST_ARTIFACTS/collect (default test-artifacts/collect)."""
 
+import html
+import http.server
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -132,4 +135,78 @@ def test_model_outputs_never_execute(browser, served, bypass_csp):
         page.click("#choose-tie")
         page.wait_for_selector(f"#judge-form:not([data-assignment='{current}']), #empty")
     assert store.count_judgments() == len(XSS_PAIRS)
+    context.close()
+
+
+@pytest.fixture
+def attacker_site():
+    """Serve one HTML page from another site (http://localhost:PORT; the app is on 127.0.0.1): yields set_page -> url."""
+    page = {"html": ""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = page["html"].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def set_page(markup: str) -> str:
+        page["html"] = markup
+        return f"http://localhost:{server.server_address[1]}/"
+
+    yield set_page
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("frame", ["sandboxed-iframe", "cross-site-form"])
+def test_foreign_page_cannot_sign_the_visitor_in(browser, served, attacker_site, frame):
+    # Login CSRF from the security review: a page on another site posts the attacker's token to /login. From a
+    # sandboxed iframe the browser sends `Origin: null` (accepted before); a plain form sends the foreign origin.
+    url, store, _victim_token = served([NewPair("p", "a", "b", "x", "y")])
+    attacker_token = store.add_annotator("attacker")
+    form = (f"<form method='post' action='{url}/login' target='_top'>"
+            f"<input name='token' value='{attacker_token}'></form><script>document.forms[0].submit()</script>")
+    if frame == "sandboxed-iframe":
+        markup = (f"<iframe sandbox='allow-forms allow-scripts allow-top-navigation' "
+                  f"srcdoc=\"{html.escape(form)}\"></iframe>")
+    else:
+        markup = form
+    context = browser.new_context()
+    page = context.new_page()
+    answers = []
+    page.on("response", lambda r: answers.append((r.url, r.status)) if r.url.endswith("/login") else None)
+    page.goto(attacker_site(markup))
+    page.wait_for_url(f"{url}/login", timeout=15000)
+    page.wait_for_selector("p.error")
+    assert answers == [(f"{url}/login", 403)]
+    assert "cross-site sign-in refused" in page.inner_text("main")
+    assert context.cookies(url) == []  # no session planted
+    assert page.goto(url).status == 401  # the visitor is not signed in as anyone
+    context.close()
+
+
+def test_sign_out_ends_the_session_in_the_browser(browser, served):
+    url, store, token = served([NewPair("p", "a", "b", "x", "y")])
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, url, token)
+    cookies = context.cookies(url)
+    assert [c["name"] for c in cookies] == ["rlhf_session"] and token not in cookies[0]["value"]
+    with page.expect_navigation():
+        page.click("button:has-text('Sign out')")
+    assert page.locator("#token").count() == 1  # back at the sign-in form
+    assert context.cookies(url) == []
+    replay = browser.new_context()  # someone who copied the cookie before the sign-out
+    replay.add_cookies(cookies)
+    assert replay.new_page().goto(url).status == 401
+    replay.close()
     context.close()

@@ -8,7 +8,6 @@ import threading
 import time
 
 import httpx
-import pytest
 import yaml
 
 from rlhf.collect.storage import Store

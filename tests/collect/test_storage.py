@@ -1,10 +1,11 @@
 """Storage and assignment on SQLite and on a real PostgreSQL server."""
 
+import random
 import threading
 import time
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import event, func, select, text, update
 
 from rlhf.collect.assign import Assigner
 from rlhf.collect.settings import AssignmentSettings
@@ -12,10 +13,12 @@ from rlhf.collect.storage import (
     SCHEMA_VERSION,
     ConflictingJudgment,
     NewPair,
+    SlotTaken,
     Store,
     UnknownAssignment,
     assignments,
     judgments,
+    pairs,
     schema_info,
 )
 from rlhf.errors import UserError
@@ -190,3 +193,150 @@ def test_concurrent_submissions_store_each_judgment_once(store):
     with store.read() as conn:
         rows = conn.execute(select(judgments.c.pair_id, judgments.c.annotator_id)).all()
     assert len(rows) == 20 == len(set(rows))
+
+
+# -- overlap and late judgments (expired leases) ------------------------------------------------------------------
+
+
+def expire_leases(store, *assignment_ids):
+    with store.write() as conn:
+        conn.execute(update(assignments).where(assignments.c.id.in_(assignment_ids)).values(issued_at=time.time() - 120))
+
+
+def people(store, n):
+    return [store.find_annotator(store.add_annotator(f"p{i}")).id for i in range(n)]
+
+
+SLOTS = {"overlap": 2, "lease_seconds": 60}
+
+
+def test_late_judgment_refused_once_others_filled_the_overlap(store):
+    store.add_pairs(pairs_of(1))
+    p0, p1, p2 = people(store, 3)
+    assigner = Assigner(store, AssignmentSettings(overlap=2, gold_rate=0.0, lease_seconds=60), seed=0)
+    stale = assigner.next_for(p0)
+    expire_leases(store, stale.id)
+    for who in (p1, p2):  # the expired lease freed its slot: two others take both
+        item = assigner.next_for(who)
+        store.record_judgment(who, item.id, "left", None, "", "v1", **SLOTS)
+    with pytest.raises(SlotTaken, match="lease ran out"):
+        store.record_judgment(p0, stale.id, "right", None, "", "v1", **SLOTS)
+    assert store.count_judgments() == 2  # the review's run ended with 3 on an overlap of 2
+    with store.read() as conn:
+        assert conn.execute(select(pairs.c.judged)).scalar_one() == 2
+
+
+def test_late_judgment_counted_while_a_slot_is_free(store):
+    store.add_pairs(pairs_of(1))
+    p0, p1, p2 = people(store, 3)
+    assigner = Assigner(store, AssignmentSettings(overlap=2, gold_rate=0.0, lease_seconds=60), seed=0)
+    stale = assigner.next_for(p0)
+    expire_leases(store, stale.id)
+    item = assigner.next_for(p1)
+    store.record_judgment(p1, item.id, "left", None, "", "v1", **SLOTS)
+    late = store.record_judgment(p0, stale.id, "right", None, "", "v1", **SLOTS)  # one slot was still free
+    assert not late.duplicate and store.count_judgments() == 2
+    assert store.record_judgment(p0, stale.id, "right", None, "", "v1", **SLOTS).duplicate  # retry: idempotent
+    assert assigner.next_for(p2) is None  # and the pair is full now
+
+
+def test_late_judgment_refused_when_the_free_slot_is_leased_live(store):
+    store.add_pairs(pairs_of(1))
+    p0, p1, p2 = people(store, 3)
+    assigner = Assigner(store, AssignmentSettings(overlap=2, gold_rate=0.0, lease_seconds=60), seed=0)
+    stale = assigner.next_for(p0)
+    expire_leases(store, stale.id)
+    first = assigner.next_for(p1)
+    store.record_judgment(p1, first.id, "left", None, "", "v1", **SLOTS)
+    live = assigner.next_for(p2)  # holds the last slot, and keeps it
+    with pytest.raises(SlotTaken):
+        store.record_judgment(p0, stale.id, "left", None, "", "v1", **SLOTS)
+    store.record_judgment(p2, live.id, "tie", None, "", "v1", **SLOTS)
+    assert store.count_judgments() == 2
+
+
+def test_late_judgment_on_a_gold_item_is_kept(store):
+    store.add_pairs(pairs_of(1, gold=True))
+    p0, p1, p2 = people(store, 3)
+    assigner = Assigner(store, AssignmentSettings(overlap=1, gold_rate=1.0, lease_seconds=60), seed=0)
+    stale = assigner.next_for(p0)
+    assert stale.is_gold
+    expire_leases(store, stale.id)
+    for who in (p1, p2):
+        item = assigner.next_for(who)
+        store.record_judgment(who, item.id, "left", None, "", "v1", overlap=1, lease_seconds=60)
+    store.record_judgment(p0, stale.id, "left", None, "", "v1", overlap=1, lease_seconds=60)  # gold: no overlap
+    assert store.count_judgments() == 3
+
+
+@pytest.mark.parametrize("overlap", [1, 2, 3])
+def test_overlap_never_exceeded_with_random_expiries(store, overlap):
+    store.add_pairs(pairs_of(6))
+    who = people(store, 7)
+    assigner = Assigner(store, AssignmentSettings(overlap=overlap, gold_rate=0.0, lease_seconds=60), seed=overlap)
+    rng = random.Random(overlap)
+    held = []  # (annotator, assignment id) shown but not judged yet
+    for _ in range(120):
+        person = rng.choice(who)
+        roll = rng.random()
+        if roll < 0.4 and held:  # someone (maybe late) submits
+            annotator, assignment_id = held.pop(rng.randrange(len(held)))
+            try:
+                store.record_judgment(annotator, assignment_id, "left", None, "", "v1", overlap=overlap, lease_seconds=60)
+            except SlotTaken:
+                pass
+        elif roll < 0.55 and held:  # a lease runs out
+            expire_leases(store, rng.choice(held)[1])
+        elif (item := assigner.next_for(person)) is not None and (person, item.id) not in held:
+            held.append((person, item.id))
+    with store.read() as conn:
+        per_pair = conn.execute(select(judgments.c.pair_id, func.count()).group_by(judgments.c.pair_id)).all()
+        judged = dict(conn.execute(select(pairs.c.id, pairs.c.judged)).all())
+    assert per_pair and max(n for _, n in per_pair) <= overlap
+    assert all(judged[pair_id] == n for pair_id, n in per_pair)  # the denormalized count stays exact
+    assert sum(judged.values()) == store.count_judgments()
+
+
+def test_record_judgment_needs_overlap_and_lease_together(store):
+    with pytest.raises(ValueError, match="together"):
+        store.record_judgment(1, "x", "left", None, "", "v1", overlap=2)
+
+
+# -- cost per judgment does not grow with the database -----------------------------------------------------------
+
+
+def sqlite_steps(store):
+    """A counter of SQLite VM instructions (in units of 100) run on the store's connections from now on."""
+    counter = [0]
+
+    def count():
+        counter[0] += 1
+        return 0
+
+    @event.listens_for(store.engine, "connect")
+    def _install(dbapi_connection, _record):
+        dbapi_connection.set_progress_handler(count, 100)
+
+    store.engine.dispose()  # reconnect, so every pooled connection has the handler
+    return counter
+
+
+def test_assignment_work_does_not_grow_with_finished_pairs(tmp_path):
+    """Assigning and recording 20 judgments costs the same database work after 200 or after 2,000 finished
+    pairs: only unfinished pairs are looked at (it grew linearly with them, so a collection was quadratic)."""
+    work = {}
+    for finished in (200, 2000):
+        store = Store.open(f"sqlite:///{tmp_path / f'{finished}.db'}")
+        store.add_pairs(pairs_of(finished + 40))
+        who = people(store, 2)
+        with store.write() as conn:  # mark the first `finished` pairs as judged to the overlap
+            conn.execute(update(pairs).where(pairs.c.id <= finished).values(judged=2))
+        assigner = Assigner(store, AssignmentSettings(overlap=2, gold_rate=0.0), seed=0)
+        steps = sqlite_steps(store)
+        for i in range(20):
+            item = assigner.next_for(who[i % 2])
+            store.record_judgment(who[i % 2], item.id, "left", None, "", "v1", overlap=2, lease_seconds=900)
+        store.count_open_pairs(2, 900)
+        work[finished] = steps[0]
+        store.close()
+    assert work[2000] < 1.3 * work[200], work
