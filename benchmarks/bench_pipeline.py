@@ -40,6 +40,9 @@ QUICK: dict[str, dict[str, object]] = {
                "train.save_every": 0, "stats.num_samples": 32},
     "grpo": {"train.max_steps": 2, "train.save_every": 0, "rl.prompts_per_step": 4, "sampling.n": 4,
              "sampling.max_new_tokens": 16, "eval.limit": 8, "samples_every": 0},
+    "ppo": {"train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0, "rl.prompts_per_step": 4, "sampling.n": 2,
+            "sampling.max_new_tokens": 16, "eval.limit": 8, "samples_every": 0},
+    "dpo": {"train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0},
     "eval": {"limit": 8, "generation.samples": 2},
 }
 QUICK_DOCS = 400

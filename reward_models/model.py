@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ from rlhf.errors import UserError
 from reward_models.data import Encoded, encode_response, pad_right
 
 STATS_KEY = "reward_stats"
+ADAPTER_DIR = "adapter"  # a LoRA reward model's unmerged adapter (+ score head), saved beside the merged weights
 PACKAGE_PREFIX = "pkg:"
 
 
@@ -100,6 +102,7 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.max_length = max_length
         self._peft = peft_model  # not a submodule: its parameters are `hf`'s
+        self.base_path: str | None = None  # the backbone directory a LoRA reward model's adapter sits on
         self.hf.config.pad_token_id = tokenizer.pad_token_id
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -141,7 +144,9 @@ class RewardModel(nn.Module):
         peft_model = None
         if lora is not None:
             hf, peft_model = _apply_lora(hf, lora)
-        return cls(hf, tok, kind, lm_head=lm_head, max_length=max_length, peft_model=peft_model)
+        rm = cls(hf, tok, kind, lm_head=lm_head, max_length=max_length, peft_model=peft_model)
+        rm.base_path = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+        return rm
 
     @classmethod
     def load(cls, path: str, dtype: str = "float32", max_length: int = 512) -> "RewardModel":
@@ -182,6 +187,22 @@ class RewardModel(nn.Module):
         if self.lm_head is None:
             raise RuntimeError("this reward model has no LM head: build it with with_lm_head=True")
         return scores, self.lm_head(hidden[:lm_rows]), input_ids[:lm_rows], attention_mask[:lm_rows]
+
+    def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The score head read at every position, not only the last (decoder only). Shape: (B, L) -> (B, L).
+
+        Position i holds the score of the prefix ending at token i; at a sequence's EOS it is the reward `forward`
+        returns. This is what a PPO critic initialised from the reward model starts from (Ouyang et al. 2022;
+        Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"): the values of every prefix. Padding
+        may be on either side when `position_ids` count from 0 at each row's first real token
+        (`rlhf.ops.position_ids_from_mask`); without them the rows must be right-padded.
+        """
+        if self.backbone != "decoder":
+            raise UserError("per-token scores need a decoder reward model (an encoder scores only its [CLS] token)")
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        return self.hf.score(hidden).squeeze(-1).float()
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Encoded]:
         """Token ids of each (prompt, completion) as the model reads them."""
@@ -241,7 +262,8 @@ class RewardModel(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write HF files (LoRA merged into the weights) plus the tokenizer: loadable by plain
-        `AutoModelForSequenceClassification.from_pretrained(path)`."""
+        `AutoModelForSequenceClassification.from_pretrained(path)`. With LoRA, also the unmerged adapter in
+        `adapter/` (see `_save_adapter`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(self._peft).merge_and_unload() if self._peft is not None else self.hf
@@ -249,6 +271,17 @@ class RewardModel(nn.Module):
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
+        if self._peft is not None:
+            self._save_adapter(path / ADAPTER_DIR)
+
+    def _save_adapter(self, path: Path) -> None:
+        """The unmerged LoRA adapter and score head (peft format), its base recorded as an absolute path: a LoRA
+        policy on the same base can load it as one more adapter instead of a second copy of the weights (PPO)."""
+        self._peft.save_pretrained(str(path))
+        config_file = path / "adapter_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = self.base_path
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,16 @@ def kl_shaped_rewards(
     return rewards + _last_counting_token(mask) * scores.to(rewards.dtype).unsqueeze(-1)
 
 
+def fixed_score_without_eos(scores: torch.Tensor, ended: torch.Tensor, score: float) -> torch.Tensor:
+    """Replace the score of every response that never emitted EOS (cut at the token budget) by `score`.
+
+    Shape: scores, ended (B,) -> (B,). A reward model scores the text it is shown, so a truncated response can score
+    well; a fixed low score (−1 in lm-human-preferences' `penalty_reward_value` and in Huang et al. 2024, "The N+
+    Implementation Details of RLHF with PPO") teaches the policy to finish within the budget.
+    """
+    return torch.where(ended.bool(), scores, torch.full_like(scores, float(score)))
+
+
 def discounted_returns(token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Reward-to-go G_t = Σ_{k≥t} γ^(k-t) r_k over counting tokens. Shape: (B, T) -> (B, T); 0 on non-counting tokens.
 

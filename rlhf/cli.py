@@ -13,7 +13,7 @@ import sys
 from rlhf.errors import UserError
 
 # stages with their own command (`collect` is a command group of its own: serve, export, ...)
-CLI_STAGES = ("pretrain", "sft", "reward", "grpo", "eval")
+CLI_STAGES = ("pretrain", "sft", "reward", "grpo", "ppo", "dpo", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--overwrite", action="store_true", help="replace another config's artifact in output_dir")
         stage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    collect = sub.add_parser("collect", help="human preference collection: serve, add-annotator, export, leaderboard, simulate, stats")
+    compare = sub.add_parser("compare", help="compare RL algorithms × seeds on one budget: runs, W&B group, report.html")
+    compare.add_argument("config", help="comparison YAML, e.g. configs/compare/demo.yaml")
+    compare.add_argument("overrides", nargs="*", help="dotted key=value, e.g. budget.samples=512 seeds=[0,1]")
+    compare.add_argument("--report-only", action="store_true", help="run nothing: rebuild the report from what is on disk")
+    compare.add_argument("--fail-fast", action="store_true", help="stop at the first failed run (default: report it, go on)")
+    compare.add_argument("--overwrite", action="store_true", help="replace another config's artifact in a run directory")
+    compare.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    collect = sub.add_parser("collect",
+                             help="preference collection: serve, add-annotator, revoke-annotator, export, leaderboard, simulate, stats")
     collect.add_argument("args", nargs=argparse.REMAINDER, help="see `rlhf collect --help`")
 
     world = sub.add_parser("world", help="the embedded demo world: regenerate its data files and tokenizer")
@@ -61,6 +70,17 @@ def dispatch(args: argparse.Namespace) -> int:
         run_pipeline(args.pipeline, args.overrides, from_stage=args.from_stage, only=args.only, overwrite=args.overwrite,
                      debug=args.debug)
         return 0
+    if args.command == "compare":
+        from rlhf.compare.runner import run_comparison
+
+        result = run_comparison(args.config, args.overrides, report_only=args.report_only, overwrite=args.overwrite,
+                                fail_fast=args.fail_fast, debug=args.debug)
+        if result["report"] is not None:
+            print(result["table"])
+            print(f"report: {result['report']}")
+        if result["failed"]:
+            print(f"not complete: {', '.join(result['failed'])} (rerun the same command to retry or resume)", file=sys.stderr)
+        return 1 if result["failed"] else 0
     if args.command == "collect":
         from rlhf.collect.cli import main as collect
 

@@ -106,6 +106,9 @@ class GenerationSettings(Section):
     batch_size: int = Field(64, ge=1, description="prompts per generate call")
     samples: int = Field(0, ge=0, description="sampled evaluation: completions per prompt (0 = greedy only)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the sampled evaluation")
+    backend: Literal["hf", "fast"] = Field(
+        "fast", description="sampler: fast = rlhf.generation's KV-cache decode loop (Llama / Qwen2; others fall back to hf), "
+        "hf = transformers' generate")
 
 
 class SamplingSettings(Section):
@@ -116,6 +119,11 @@ class SamplingSettings(Section):
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (also used for training log-probs)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0 = off)")
+    backend: Literal["hf", "fast"] = Field(
+        "fast", description="sampler: fast = rlhf.generation's KV-cache decode loop (Llama / Qwen2; others fall back to hf), "
+        "hf = transformers' generate")
+    bf16: bool = Field(False, description="fast backend: sample with bfloat16 weights and KV cache (faster at large batches; "
+                       "the sampling distribution then differs slightly from the fp32 log-probs trained on)")
 
 
 class RLSettings(Section):
@@ -136,6 +144,9 @@ class TrackingSettings(Section):
     project: str = Field("rlhf", description="W&B project")
     group: str | None = Field(None, description="W&B group; a pipeline sets it to its name")
     run_name: str | None = Field(None, description="W&B run name; defaults to the stage name")
+    job_type: str | None = Field(None, description="W&B job_type; defaults to the stage kind (`rlhf compare`: the algorithm)")
+    run_config: dict[str, Any] = Field(
+        default_factory=dict, description="extra top-level W&B run config (`rlhf compare`: algorithm, seed, β, budget)")
 
 
 class StageConfig(Section):
@@ -176,14 +187,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
-    """Set `data["a"]["b"] = value` for key "a.b", creating sub-dicts on the way."""
+    """Set `data["a"]["b"] = value` for key "a.b", creating sub-dicts on the way. A number indexes into an existing
+    list: "rewards.0.model" sets the `model` of the first reward component."""
     parts = key.split(".")
-    node = data
+    node: Any = data
     for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
+        if isinstance(node, list):
+            node = _list_item(node, part, key)
+            continue
+        if not isinstance(node.get(part), (dict, list)):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], key)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise UserError(f"config key '{key}': '{part}' is not an index of a list of {len(items)} items")
+    return int(part)
+
+
+def _list_item(items: list, part: str, key: str) -> Any:
+    item = items[_list_index(items, part, key)]
+    if not isinstance(item, dict):
+        raise UserError(f"config key '{key}': item {part} is not a mapping")
+    return item
 
 
 def read_text_file(path: str | Path) -> str:

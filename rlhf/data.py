@@ -179,6 +179,20 @@ def _require_messages(record: Record, name: str) -> list[dict]:
     return messages
 
 
+def load_rl_prompts(source: str | Path, tasks: list[str] | None, limit: int | None, tokenizer) -> list[Record]:
+    """Prompt records for an RL stage: only `tasks` (when given), at most `limit`, with `prompt` as text (chat-message
+    prompts rendered through the tokenizer's template)."""
+    records = load_prompts(source)
+    if tasks is not None:
+        records = [r for r in records if r.get("task") in tasks]
+        if not records:
+            raise UserError(f"{source}: no prompt has a task in {tasks}")
+    records = records[:limit]
+    for r in records:
+        r["prompt"] = prompt_text(r, tokenizer)
+    return records
+
+
 def prompt_text(record: Record, tokenizer) -> str:
     """A prompt record's `prompt` as text: a string as is, chat messages through the tokenizer's template."""
     prompt = record["prompt"]

@@ -32,6 +32,18 @@ def world_gold_scores(prompts, completions, records, ended) -> list[float]:
     return gold_scores([r["task"] for r in records], prompts, completions, [r.get("meta") or {} for r in records])
 
 
+def scorer_score_fn(gold, train=None) -> ScoreFn:
+    """A scoring interface (`reward_models.Scorer`: anything with `score(...) -> .total`) as a `ScoreFn`: the `gold`
+    scorer's total and, when `train` is another scorer, its score of the same completions as extra `rm_score` —
+    gold vs training reward side by side shows reward over-optimization."""
+    def score(prompts, completions, rows, ended):
+        total = gold.score(prompts, completions, rows, ended=ended).total.tolist()
+        if train is None or train is gold:
+            return total
+        return total, {"rm_score": train.score(prompts, completions, rows, ended=ended).total.tolist()}
+    return score
+
+
 @dataclass
 class PromptScores:
     """Per-prompt results of one policy on one prompt set (rows in the order of the records)."""
@@ -71,7 +83,7 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
     for start in progress(batches, total=len(batches), desc="eval"):
         chunk = records[start:start + generation.batch_size]
         prompts = [r["prompt"] for r in chunk]
-        rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True)
+        rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend)
         scores, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
         out.greedy += scores
         for name, values in extras.items():
@@ -81,7 +93,8 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
         if generation.samples:
             k = generation.samples
             rollout = policy.generate(prompts, n=k, max_new_tokens=generation.max_new_tokens,
-                                      temperature=generation.temperature, seed=seed * 1_000_003 + start)
+                                      temperature=generation.temperature, seed=seed * 1_000_003 + start,
+                                      backend=generation.backend)
             rows = [chunk[i] for i in rollout.prompt_index.tolist()]
             scores, _ = _split(score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist()))
             out.sampled += [scores[i * k:(i + 1) * k] for i in range(len(chunk))]

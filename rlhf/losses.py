@@ -242,3 +242,91 @@ def value_loss(
         clip_frac = masked_mean((clipped > unclipped).float(), response_mask.bool()).detach()
     loss = aggregate(loss_mat, response_mask, mode, normalizer, max_len)
     return loss, {"value_clip_frac": clip_frac}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Direct preference optimization: Bradley-Terry on implicit rewards. Inputs are per-sequence log-probabilities
+# (summed over the response tokens), one per pair. Shapes: (B,) -> scalar.
+# ---------------------------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    normalizer: torch.Tensor | float | None = None,
+    margin: torch.Tensor | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO-family loss of a batch of pairs: Σ_pairs ℓ / normalizer (default B). Returns (loss, metrics).
+
+    With the log-ratio gap h = [log π(y_c) − log π_ref(y_c)] − [log π(y_r) − log π_ref(y_r)] (each a sum over the
+    response tokens, EOS included) and ε = `label_smoothing`:
+
+    - "sigmoid": ℓ = −(1 − ε)·log σ(β·h − m) − ε·log σ(−(β·h − m)). ε = 0 is DPO (Rafailov et al. 2023, eq. 7:
+      Bradley-Terry on the implicit rewards β·log π/π_ref); ε > 0 is conservative DPO (cDPO, Mitchell 2023: the
+      label is right with probability 1 − ε). `margin` m (B,) is a per-pair offset the reward gap must exceed (ODPO,
+      Amini et al. 2024, eq. 6); None = 0. TRL 1.16's "sigmoid" has no ε: cDPO there is (1 − ε)·sigmoid(pair) +
+      ε·sigmoid(swapped pair), which the oracle test checks.
+    - "robust": ℓ = [−(1 − ε)·log σ(β·h) + ε·log σ(−β·h)] / (1 − 2ε), the unbiased loss under labels flipped with
+      probability ε (rDPO, Chowdhury et al. 2024, eq. 7; TRL "robust"). ε in [0, 0.5).
+    - "ipo": ℓ = (h̄ − 1/(2β))², the squared loss that keeps the log-ratio gap at 1/(2β) (Azar et al. 2023, eq. 17,
+      β = τ). h̄ is h with each log-ratio divided by its response length when `chosen_lengths` / `rejected_lengths`
+      are given (TRL 1.16 and the IPO authors' length-normalized form), else the paper's sums. No ε, no margin.
+
+    Under gradient accumulation pass `normalizer` = the number of pairs in the whole batch (all micro-batches and
+    processes), so that the micro-batch losses add up to the full-batch mean.
+
+    Metrics (detached, means over the pairs of this call): the implicit rewards `reward_chosen` = β·(log π −
+    log π_ref)(y_c) and `reward_rejected`, `accuracy` (share of pairs with reward_chosen > reward_rejected, TRL's
+    `rewards/accuracies`), `margin` (mean reward_chosen − reward_rejected), `loss` (mean ℓ).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type == "ipo" and (label_smoothing or margin is not None):
+        raise ValueError("the ipo loss takes no label_smoothing and no margin")
+    if loss_type == "robust" and margin is not None:
+        raise ValueError("the robust loss takes no margin")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
+    eps = label_smoothing
+    if loss_type == "ipo":
+        if chosen_lengths is not None and rejected_lengths is not None:
+            h = (chosen_logratios / chosen_lengths.to(chosen_logratios.dtype).clamp(min=1)
+                 - rejected_logratios / rejected_lengths.to(rejected_logratios.dtype).clamp(min=1))
+        else:
+            h = chosen_logratios - rejected_logratios
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        logits = beta * (chosen_logratios - rejected_logratios)
+        if loss_type == "sigmoid":
+            if margin is not None:
+                logits = logits - margin.to(logits.dtype)
+            losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        else:  # robust
+            losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+    denom = losses.numel() if normalizer is None else normalizer
+    loss = losses.sum() / torch.as_tensor(denom, dtype=losses.dtype, device=losses.device).clamp(min=1e-8)
+
+    with torch.no_grad():
+        chosen_rewards = beta * chosen_logratios
+        rejected_rewards = beta * rejected_logratios
+        metrics = {
+            "reward_chosen": chosen_rewards.mean(),
+            "reward_rejected": rejected_rewards.mean(),
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "margin": (chosen_rewards - rejected_rewards).mean(),
+            "loss": losses.mean(),
+        }
+    return loss, metrics

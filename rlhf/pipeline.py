@@ -34,6 +34,8 @@ STAGES: dict[str, str] = {
     "sft": "rlhf.recipes.sft",
     "reward": "reward_models.train",
     "grpo": "rlhf.recipes.grpo",
+    "ppo": "rlhf.recipes.ppo",
+    "dpo": "rlhf.recipes.dpo",
     "eval": "rlhf.recipes.evaluate",
     "collect": "rlhf.collect.stage",
 }

@@ -291,8 +291,15 @@ class PolicyModel:
         With LoRA this is the same module with adapters disabled, so no second copy of the weights exists.
         """
         if self.is_lora:
-            with torch.no_grad(), self.model.disable_adapter():
-                yield PolicyModel(self.model, self.tokenizer)
+            # peft re-enables the adapters through `set_adapter`, which freezes every adapter but the active one:
+            # restore the flags so that a second trainable adapter (`add_adapter`, e.g. a critic) stays trainable
+            flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            try:
+                with torch.no_grad(), self.model.disable_adapter():
+                    yield PolicyModel(self.model, self.tokenizer)
+            finally:
+                for p, flag in flags:
+                    p.requires_grad_(flag)
         elif self.ref_model is not None:
             with torch.no_grad():
                 yield PolicyModel(self.ref_model, self.tokenizer)
@@ -326,16 +333,34 @@ class PolicyModel:
         top_k: int = 0,
         greedy: bool = False,
         seed: int | None = None,
+        backend: str | None = None,
+        bf16: bool = False,
     ) -> Rollout:
         """Sample `n` responses per prompt (stopping at EOS) and return them as a `Rollout`.
 
         Rows are grouped by prompt. With `seed` the sampling is reproducible and the global RNG is left untouched.
+        `backend`: "fast" (`rlhf.generation`: each prompt prefilled once for its n samples, a fixed-shape KV-cache
+        decode loop) or "hf" (`model.generate`); None = `rlhf.generation.default_backend()`. A model the fast sampler
+        does not support falls back to "hf" with one warning. `bf16` (fast only): weights and KV cache in bfloat16.
         """
         from transformers import GenerationConfig
 
+        from rlhf import generation
+
+        backend = backend or generation.default_backend()
+        if backend not in generation.BACKENDS:
+            raise ValueError(f"unknown sampling backend {backend!r}; expected one of {', '.join(generation.BACKENDS)}")
+        if backend == "fast" and (reason := generation.unsupported_reason(self.model)) is not None:
+            generation.warn_once(f"fast sampling does not support this model ({reason}); using Hugging Face's generate")
+            backend = "hf"
+        if bf16 and backend == "hf":
+            generation.warn_once("bf16 sampling needs the fast sampling backend; sampling in the model's own dtype")
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
-        prompt_ids = prompt_ids.repeat_interleave(n, dim=0).to(self.device)
-        prompt_mask = prompt_mask.repeat_interleave(n, dim=0).to(self.device)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        if backend == "fast":
+            distinct_ids, distinct_mask = prompt_ids, prompt_mask  # prefilled once, shared by their n samples
+        prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=not greedy,
@@ -354,12 +379,20 @@ class PolicyModel:
             with rng:
                 if seed is not None:
                     torch.manual_seed(seed)
-                out = self.model.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config
-                )
+                if backend == "fast":
+                    response = generation.sample(
+                        self.model, distinct_ids, distinct_mask, n=n, max_new_tokens=max_new_tokens,
+                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                        greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, bf16=bf16,
+                    )
+                else:
+                    out = self.model.generate(
+                        input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config
+                    )
+                    response = out[:, prompt_ids.size(1):]
         finally:
             self.model.train(was_training)
-        return self.rollout_from_ids(prompt_ids, prompt_mask, out[:, prompt_ids.size(1):], prompts, n)
+        return self.rollout_from_ids(prompt_ids, prompt_mask, response, prompts, n)
 
     def rollout_from_ids(self, prompt_ids, prompt_mask, response_ids, prompts: Sequence[str], n: int = 1) -> Rollout:
         """Mask, measure and decode raw generated ids (B, T) into a Rollout."""
@@ -424,6 +457,40 @@ class PolicyModel:
     def logprobs(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
         """Shorthand for `forward(rollout, temperature).logprobs`. Shape: (B, T)."""
         return self.forward(rollout, temperature).logprobs
+
+    # -- a second adapter on the same frozen base (e.g. a PPO critic) -------------------------------------------
+
+    def add_adapter(self, name: str, lora: LoraSettings) -> None:
+        """Add a second LoRA adapter `name` on this LoRA policy's frozen base, trainable but not active: `forward`
+        and `generate` keep using the policy's own adapter; `using_adapter(name)` switches for a block. One base then
+        serves the policy, the reference (adapters off) and a critic."""
+        if not self.is_lora:
+            raise RuntimeError("a second adapter needs a LoRA policy (model.lora)")
+        from peft import LoraConfig
+
+        self.model.add_adapter(name, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        for param_name, param in self.model.named_parameters():
+            if f".{name}." in param_name:  # peft adds it frozen (only the active adapter trains)
+                param.requires_grad_(True)
+
+    @contextmanager
+    def using_adapter(self, name: str) -> Iterator["PolicyModel"]:
+        """This model with adapter `name` active instead of the policy's, for the block (gradients flow as usual).
+
+        Sets each LoRA layer's active adapter directly rather than through peft's `set_adapter`, which would also
+        freeze the other adapter's weights: a graph recorded while they were frozen gives them no gradient."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [m._active_adapter for m in layers]
+        for m in layers:
+            m._active_adapter = [name]
+        try:
+            yield self
+        finally:
+            for m, active in zip(layers, saved):
+                m._active_adapter = active
 
     # -- saving -------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,15 @@ from rlhf.config import SamplingSettings
 from rlhf.types import Experience, Rollout
 
 
+def log_samples(tracker, exp: Experience, step: int, limit: int = 16) -> None:
+    """A few sampled completions with their rewards and advantages (samples.jsonl and a W&B table)."""
+    adv = exp.advantages if exp.advantages.dim() == 1 else (exp.advantages * exp.response_mask).sum(-1)
+    rows = [{"prompt": exp.rollout.prompts[i], "completion": exp.rollout.completions[i],
+             "reward": round(float(exp.scores[i]), 4), "advantage": round(float(adv[i]), 4)}
+            for i in range(min(limit, len(exp)))]
+    tracker.log_samples(rows, step=step)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], phase: str):
     start = time.perf_counter()
@@ -68,6 +77,7 @@ def make_experience(
             rollout = policy.generate(
                 [r["prompt"] for r in records], n=sampling.n, max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
+                backend=sampling.backend, bf16=sampling.bf16,
             )
         with _timed(timings, "score"):
             scores = scorer.score_rollout(rollout, list(records))

@@ -61,10 +61,10 @@ class Tracker:
             self.run = wandb.init(
                 project=settings.project,
                 group=settings.group,
-                job_type=job_type,
+                job_type=settings.job_type or job_type,
                 name=settings.run_name or name,
                 dir=str(self.dir),
-                config=config or {},
+                config={**(config or {}), **settings.run_config},
                 mode=mode,
                 reinit="create_new",
             )

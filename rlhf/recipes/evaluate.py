@@ -13,7 +13,7 @@ from pydantic import Field
 from rlhf.config import GenerationSettings, StageConfig
 from rlhf.errors import UserError
 from rlhf.data import load_prompts
-from rlhf.evaluation import ScoreFn, format_ci, paired_bootstrap, score_prompts, summarize
+from rlhf.evaluation import format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from reward_models.scoring import RewardComponent, Scorer
@@ -37,7 +37,7 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. prompts and the scorer ------------------------------------------------------------------------------------
     prompts = load_prompts(cfg.prompts, cfg.limit)
-    score_fn = scorer_fn(Scorer(cfg.rewards)) if cfg.rewards else None
+    score_fn = scorer_score_fn(Scorer(cfg.rewards)) if cfg.rewards else None
     if cfg.baseline is not None and cfg.baseline not in cfg.models:
         raise UserError(f"config key 'baseline': '{cfg.baseline}' is not one of the models ({', '.join(cfg.models)})")
 
@@ -82,12 +82,6 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     ctx.tracker.log({**flat, "progress/samples": 0}, step=0)
     return flat
 
-
-def scorer_fn(scorer: Scorer) -> ScoreFn:
-    """The scoring interface as an evaluation `ScoreFn` (the weighted total of its components)."""
-    def score(prompts, completions, records, ended):
-        return scorer.score(prompts, completions, records, ended=ended).total.tolist()
-    return score
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -30,14 +30,14 @@ from rlhf.advantages import (
     AdaptiveKLController, FixedKLController, group_normalized, kl_shaped_rewards, reinforce_pp, rloo,
 )
 from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
-from rlhf.data import load_prompts, prompt_text
+from rlhf.data import load_rl_prompts
 from rlhf.errors import UserError
-from rlhf.evaluation import evaluate_gold
+from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
 from rlhf.ops import kl_k1, masked_mean
 from rlhf.policy import PolicyModel
 from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
-from rlhf.rollout import make_experience
+from rlhf.rollout import log_samples, make_experience
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
@@ -99,11 +99,11 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     tokenizer = policy.tokenizer
 
     # 3. prompts and the scoring interface ----------------------------------------------------------------------
-    records = _prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer)
+    records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer)
     if len(records) < cfg.rl.prompts_per_step:
         raise UserError(f"{cfg.data.prompts}: {len(records)} prompts, fewer than rl.prompts_per_step={cfg.rl.prompts_per_step}")
     scorer = Scorer(cfg.rewards, device=policy.device)
-    eval_records = _prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer) if cfg.eval.prompts else []
+    eval_records = load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer) if cfg.eval.prompts else []
     eval_scorer = Scorer(cfg.eval.rewards, device=policy.device) if cfg.eval.rewards else scorer
 
     # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------
@@ -124,7 +124,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     def evaluate() -> dict[str, float]:
         if not eval_records:
             return {}
-        score_fn = _score_fn(eval_scorer, scorer if eval_scorer is not scorer else None)
+        score_fn = scorer_score_fn(eval_scorer, scorer if eval_scorer is not scorer else None)
         return evaluate_gold(policy.unwrapped(accelerator), eval_records, cfg.eval.generation, score_fn, seed=cfg.seed)
 
     # 6. the loop -----------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
         step_metrics["perf/update_seconds"] = update_seconds
         if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
-            _log_samples(ctx, exp, step + 1)
+            log_samples(ctx.tracker, exp, step + 1)
         end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
                     evaluate=evaluate, state={"kl_coef": kl_ctl.value})
         metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
@@ -287,36 +287,3 @@ def _cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:
     return Experience(rollout=rollout, scores=torch.cat([p.scores for p in parts]),
                       components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
                       old_logprobs=cat("old_logprobs"), ref_logprobs=cat("ref_logprobs"), timings=timings)
-
-
-def _prompts(source: str, tasks: list[str] | None, limit: int | None, tokenizer) -> list[dict]:
-    """Prompt records with `prompt` as text (chat-message prompts rendered with the tokenizer's template)."""
-    records = load_prompts(source)
-    if tasks is not None:
-        records = [r for r in records if r.get("task") in tasks]
-        if not records:
-            raise UserError(f"{source}: no prompt has a task in {tasks}")
-    records = records[:limit]
-    for r in records:
-        r["prompt"] = prompt_text(r, tokenizer)
-    return records
-
-
-def _score_fn(gold: Scorer, train: Scorer | None = None):
-    """Evaluation scores: `gold` (the eval rewards) and, when the training rewards differ, their score of the same
-    completions as `eval/rm_score` — gold vs training reward side by side shows reward over-optimization."""
-    def score(prompts, completions, rows, ended):
-        total = gold.score(prompts, completions, rows, ended=ended).total.tolist()
-        if train is None:
-            return total
-        return total, {"rm_score": train.score(prompts, completions, rows, ended=ended).total.tolist()}
-    return score
-
-
-def _log_samples(ctx: StageContext, exp: Experience, step: int, limit: int = 16) -> None:
-    """A few sampled completions with their rewards and advantages (samples.jsonl and a W&B table)."""
-    adv = exp.advantages if exp.advantages.dim() == 1 else (exp.advantages * exp.response_mask).sum(-1)
-    rows = [{"prompt": exp.rollout.prompts[i], "completion": exp.rollout.completions[i],
-             "reward": round(float(exp.scores[i]), 4), "advantage": round(float(adv[i]), 4)}
-            for i in range(min(limit, len(exp)))]
-    ctx.tracker.log_samples(rows, step=step)

@@ -66,3 +66,14 @@ def test_every_config_loads_into_its_schema_and_documents_itself(path):
     if kind not in STAGES:
         pytest.skip(f"{kind} configs are validated by their own package's tests")
     load_config(recipe(kind).Config, path)
+
+
+def test_dotted_keys_index_into_lists():
+    from rlhf.config import set_dotted
+    from rlhf.errors import UserError
+
+    data = {"rewards": [{"name": "rm", "model": "old"}]}
+    set_dotted(data, "rewards.0.model", "runs/demo/reward")
+    assert data == {"rewards": [{"name": "rm", "model": "runs/demo/reward"}]}
+    with pytest.raises(UserError, match="'rewards.1.model': '1' is not an index of a list of 1 items"):
+        set_dotted(data, "rewards.1.model", "x")
