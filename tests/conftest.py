@@ -43,3 +43,37 @@ def nano_model_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def kill_and_resume():
+    """`run(args, out) -> text`: start `rlhf <args> output_dir=<out>` in a subprocess, SIGKILL it as soon as its first
+    checkpoint appears, check the killed stage does not look complete, then rerun the same command to the end and
+    return what it printed (the caller compares its final metrics with an uninterrupted run's)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rlhf.stage import read_manifest
+
+    def start(args, out):
+        return subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args, f"output_dir={out}"], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def run(args: list[str], out: Path) -> str:
+        proc = start(args, out)
+        deadline = time.monotonic() + 300
+        while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared before the run ended"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert read_manifest(out)["status"] == "running", "a killed stage must not look complete"
+        resumed = start(args, out)
+        text, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, text
+        return text
+
+    return run

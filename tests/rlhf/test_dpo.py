@@ -3,11 +3,6 @@ precomputed reference = on the fly, ties / margins / the collection app's export
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -246,12 +241,7 @@ def test_reads_the_collection_apps_export_with_margins(tmp_path, policy_dir, pai
     assert _train_rows(tmp_path / "out")[0]["loss/dpo"] > LOG2
 
 
-def _rlhf(*args):
-    return subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, policy_dir, pairs_file):
+def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, kill_and_resume, policy_dir, pairs_file):
     args = ["dpo", f"model.path={policy_dir}", f"data.train={pairs_file / 'pairs.jsonl'}", "data.ties=drop",
             "data.eval_fraction=0.34", "train.max_steps=12", "train.batch_size=4", "train.save_every=2",
             "train.log_every=1", "optim.lr=0.01", "precompute_ref=true", "eval.gold_prompts=null", "tracking.mode=disabled"]
@@ -260,18 +250,7 @@ def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, policy_di
     reference = read_manifest(tmp_path / "ref")["metrics"]
 
     out = tmp_path / "run"
-    proc = _rlhf(*args, f"output_dir={out}")
-    deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared before the run ended"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(out)["status"] == "running"
-
-    resumed = _rlhf(*args, f"output_dir={out}")
-    text, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, text
+    text = kill_and_resume(args, out)
     assert "resuming dpo from step-" in text and "reusing the precomputed reference log-probs" in text
     assert read_manifest(out)["metrics"] == pytest.approx(reference, rel=1e-5, abs=1e-6)
     steps = [r["step"] for r in read_metrics(out) if "perf/reference_seconds" in r]

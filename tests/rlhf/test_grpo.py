@@ -4,10 +4,8 @@ eval through the scoring interface on a user's own prompts, resume after SIGKILL
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -178,7 +176,7 @@ def _rlhf(*args):
                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, policy_dir, prompts_file):
+def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, kill_and_resume, policy_dir, prompts_file):
     args = ["grpo", f"model.path={policy_dir}", f"data.prompts={prompts_file / 'train.jsonl'}", "sampling.n=4",
             "sampling.max_new_tokens=6", "rl.prompts_per_step=2", "rl.epochs=2", "train.max_steps=8", "train.save_every=2",
             "train.log_every=1",
@@ -189,18 +187,7 @@ def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, policy_di
     reference = read_manifest(tmp_path / "ref")["metrics"]
 
     out = tmp_path / "run"
-    proc = _rlhf(*args, f"output_dir={out}")
-    deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared before the run ended"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(out)["status"] == "running"
-
-    resumed = _rlhf(*args, f"output_dir={out}")
-    text, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, text
+    text = kill_and_resume(args, out)
     assert "resuming grpo from step-" in text
     assert read_manifest(out)["metrics"] == pytest.approx(reference, rel=1e-5, abs=1e-6)
     steps = [r["step"] for r in read_metrics(out) if "perf/update_seconds" in r]

@@ -4,11 +4,6 @@ RM-vs-gold pair, and resume after SIGKILL."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -312,12 +307,7 @@ def test_a_lora_reward_model_on_the_policy_base_runs_as_an_adapter_with_the_same
 # -- resume ---------------------------------------------------------------------------------------------------------
 
 
-def _rlhf(*args):
-    return subprocess.Popen([sys.executable, "-m", "rlhf.cli", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, policy_dir, prompts_file, reward_dir):
+def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, kill_and_resume, policy_dir, prompts_file, reward_dir):
     rewards = json.dumps([{"name": "rm", "model": str(reward_dir)}, {"name": "gold", "rule": "verifiable"}])
     args = ["ppo", f"model.path={policy_dir}", f"data.prompts={prompts_file / 'train.jsonl'}", f"rewards={rewards}",
             "sampling.n=2", "sampling.max_new_tokens=6", "rl.prompts_per_step=2", "rl.epochs=2", "rl.minibatches=2",
@@ -329,18 +319,7 @@ def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, policy_di
     reference = run_stage("ppo", cfg)["metrics"]
 
     out = tmp_path / "run"
-    proc = _rlhf(*args, f"output_dir={out}")
-    deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared before the run ended"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert read_manifest(out)["status"] == "running"
-
-    resumed = _rlhf(*args, f"output_dir={out}")
-    text, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, text
+    text = kill_and_resume(args, out)
     assert "resuming ppo from step-" in text
     assert read_manifest(out)["metrics"] == pytest.approx(reference, rel=1e-5, abs=1e-6)
     assert [r["step"] for r in _train_rows(out)] == list(range(1, 7))
