@@ -68,9 +68,11 @@ class Scorer:
     Args:
         components: what to sum (see `RewardComponent`).
         device: where reward models run (default CPU); scores come back on `device` too.
+        models: already-loaded reward models by component name, used instead of loading them from disk.
     """
 
-    def __init__(self, components: Sequence[RewardComponent], device: torch.device | str | None = None):
+    def __init__(self, components: Sequence[RewardComponent], device: torch.device | str | None = None,
+                 models: dict[str, RewardModel] | None = None):
         if not components:
             raise UserError("no reward components configured (config key 'rewards' is empty)")
         names = [c.name for c in components]
@@ -82,7 +84,10 @@ class Scorer:
         self.rules = {}
         for c in self.components:
             if c.model is not None:
-                rm = RewardModel.load(c.model, dtype=c.dtype).to(self.device).eval().requires_grad_(False)
+                # `models`: reward models the caller already holds, by component name (e.g. a LoRA reward model run
+                # as an adapter on the policy's own base), used instead of loading a copy from `c.model`
+                rm = (models or {}).get(c.name) or RewardModel.load(c.model, dtype=c.dtype)
+                rm = rm.to(self.device).eval().requires_grad_(False)
                 if c.normalize and rm.stats is None:
                     raise UserError(f"reward '{c.name}': {c.model} has no stored score statistics; set normalize: false")
                 self.models[c.name] = rm

@@ -63,8 +63,9 @@ from rlhf.training import (
     optimizer_step, resume_state,
 )
 from rlhf.types import Experience, Rollout
-from reward_models.model import ADAPTER_DIR, RewardModel
+from reward_models.model import RewardModel
 from reward_models.scoring import RewardComponent, Scorer
+from reward_models.shared_base import shared_reward_models
 
 CRITIC_DIR = "critic"  # the critic's weights inside the stage directory
 CRITIC_ADAPTER = "critic"  # the critic adapter's name on a LoRA policy (peft saves it under <stage dir>/critic)
@@ -175,8 +176,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer)
     if len(records) < cfg.rl.prompts_per_step:
         raise UserError(f"{cfg.data.prompts}: {len(records)} prompts, fewer than rl.prompts_per_step={cfg.rl.prompts_per_step}")
-    shared = _shared_reward_models(cfg, policy) if cfg.reward.share_base and policy.is_lora else {}
-    scorer = _scorer(cfg.rewards, policy.device, shared)
+    shared = shared_reward_models(cfg.rewards, policy, cfg.model.path) if cfg.reward.share_base and policy.is_lora else {}
+    scorer = Scorer(cfg.rewards, device=policy.device, models=shared)
     eval_records = load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer) if cfg.eval.prompts else []
     eval_scorer = Scorer(cfg.eval.rewards, device=policy.device) if cfg.eval.rewards else scorer
 
@@ -527,96 +528,6 @@ def _critic_adapter(cfg: Config, policy: PolicyModel, shared: dict[str, RewardMo
         head.weight.copy_(rm.hf.score.weight * scale)
         head.bias.fill_(shift + (float(rm.hf.score.bias) * scale if rm.hf.score.bias is not None else 0.0))
     return head
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A LoRA reward model on the policy's own base: one more adapter, no second copy of the weights
-
-
-class SharedBaseClassifier(nn.Module):
-    """The `hf` of a `RewardModel` whose trunk is the policy's frozen base with the reward model's adapter active.
-
-    `RewardModel.forward` reads `hf.base_model(...).last_hidden_state` and `hf.score`; here the trunk call runs the
-    policy's model under `using_adapter`, in eval mode and without grad. The policy is held outside the module tree,
-    so the scorer's `.eval()` / `requires_grad_(False)` on the reward model never touch the policy's weights.
-    """
-
-    def __init__(self, policy: PolicyModel, adapter: str, lora: LoraSettings, score: nn.Linear, config):
-        super().__init__()
-        self.score = score
-        self.config = config
-        self.adapter, self.lora = adapter, lora
-        self._policy = [policy]  # not a submodule
-
-    @property
-    def base_model(self):
-        return self._trunk
-
-    @torch.no_grad()
-    def _trunk(self, input_ids, attention_mask, position_ids=None, use_cache=False):
-        from types import SimpleNamespace
-
-        policy = self._policy[0]
-        was_training = policy.model.training
-        policy.model.eval()
-        try:
-            with policy.using_adapter(self.adapter):
-                out = policy.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   logits_to_keep=1, output_hidden_states=True, use_cache=False)
-        finally:
-            policy.model.train(was_training)
-        return SimpleNamespace(last_hidden_state=out.hidden_states[-1])
-
-
-def _shared_reward_models(cfg: Config, policy: PolicyModel) -> dict[str, RewardModel]:
-    """Reward components whose model was trained as LoRA on the policy's own base (its `adapter/` records that
-    base): each is loaded as a frozen adapter on the policy's model, with its score head. Name -> reward model."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    if cfg.model.path is None or not Path(cfg.model.path).expanduser().is_dir():
-        return {}
-    base = Path(cfg.model.path).expanduser().resolve()
-    shared: dict[str, RewardModel] = {}
-    for c in cfg.rewards:
-        adapter_dir = Path(c.model or "") / ADAPTER_DIR
-        if c.model is None or not (adapter_dir / "adapter_config.json").is_file():
-            continue
-        saved = json.loads((adapter_dir / "adapter_config.json").read_text())
-        if Path(saved.get("base_model_name_or_path") or "/nonexistent").expanduser().resolve() != base:
-            continue
-        name = f"reward_{c.name}"
-        lora = LoraSettings(r=saved["r"], alpha=saved["lora_alpha"], dropout=0.0, target_modules=saved["target_modules"])
-        policy.add_adapter(name, lora)
-        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        head_weights = {k.rsplit(".", 1)[-1]: weights.pop(k) for k in list(weights) if ".score." in k}
-        set_peft_model_state_dict(policy.model, weights, adapter_name=name)
-        for param_name, param in policy.model.named_parameters():
-            if f".{name}." in param_name:
-                param.requires_grad_(False)  # the reward model is frozen
-        score = nn.Linear(head_weights["weight"].size(1), 1, bias="bias" in head_weights).to(policy.device)
-        score.load_state_dict(head_weights)
-        config = AutoConfig.from_pretrained(c.model)
-        classifier = SharedBaseClassifier(policy, name, lora, score, config)
-        shared[c.name] = RewardModel(classifier, AutoTokenizer.from_pretrained(c.model), "decoder")
-        print(f"reward '{c.name}': LoRA reward model on the policy's base, run as adapter '{name}' (no second copy)")
-    return shared
-
-
-def _scorer(components: list[RewardComponent], device, shared: dict[str, RewardModel]) -> Scorer:
-    """`Scorer(components)`, except that the reward models in `shared` (by component name) are used as given rather
-    than loaded from disk (a placeholder rule stands in for them while the scorer loads the rest)."""
-    stand_ins = [RewardComponent(name=c.name, rule="length_penalty") if c.name in shared else c for c in components]
-    scorer = Scorer(stand_ins, device=device)
-    for i, c in enumerate(components):
-        if c.name in shared:
-            if c.normalize and shared[c.name].stats is None:
-                raise UserError(f"reward '{c.name}': {c.model} has no stored score statistics; set normalize: false")
-            scorer.components[i] = c
-            del scorer.rules[c.name]
-            scorer.models[c.name] = shared[c.name].eval()
-    return scorer
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_a_lora_reward_model_on_the_policy_base_runs_as_an_adapter_with_the_same
         tmp_path, policy_dir, prompts_file, monkeypatch):
     from reward_models.model import RewardModel
     from rlhf.config import LoraSettings, ModelSettings
-    from rlhf.recipes.ppo import _shared_reward_models
+    from reward_models.shared_base import shared_reward_models
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"<review> product: {p}", "chosen": f" the {p} is great .",
@@ -288,7 +288,7 @@ def test_a_lora_reward_model_on_the_policy_base_runs_as_an_adapter_with_the_same
     # the adapter on the policy's base scores exactly as the saved (merged) reward model does
     cfg = _cfg(tmp_path, policy_dir, prompts_file, rm_dir, **{"model.lora": {"r": 4, "alpha": 8}})
     policy = PolicyModel.load(ModelSettings(path=str(policy_dir), lora=LoraSettings(r=4, alpha=8)))
-    shared = _shared_reward_models(cfg, policy)
+    shared = shared_reward_models(cfg.rewards, policy, cfg.model.path)
     assert set(shared) == {"rm"}
     texts = ["<review> product: mug", "<review> product: lamp"], [" the mug is great .", " it works badly ."]
     assert torch.allclose(shared["rm"].score(*texts), RewardModel.load(str(rm_dir)).score(*texts), atol=1e-5)
