@@ -29,7 +29,7 @@ from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
     end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
-    resume_state, sync_unless_last,
+    reduce_metrics, resume_state, sync_unless_last,
 )
 from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
 from reward_models.evaluation import evaluate_pairs, plot_score_histogram
@@ -228,7 +228,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 8. held-out evaluation, with the score histogram -----------------------------------------------------------------
     rm = accelerator.unwrap_model(model)
-    metrics.update(evaluate(final=True))
+    metrics = {**reduce_metrics(accelerator, metrics), **evaluate(final=True)}
 
     # 9. score statistics on samples of the SFT policy (PPO / GRPO normalize rewards with them) -------------------
     stat_prompts, stat_completions, source = _stats_samples(cfg, pairs, samples, ctx)

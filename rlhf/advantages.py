@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.ops import masked_whiten
+from rlhf.ops import AllReduce, global_masked_moments, masked_whiten
 
 SCALES = ("group", "batch", "none")
 
@@ -29,7 +29,8 @@ def _group_sum(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Ten
 
 
 def group_normalized(
-    scores: torch.Tensor, prompt_index: torch.Tensor, scale: str = "group", eps: float = 1e-4
+    scores: torch.Tensor, prompt_index: torch.Tensor, scale: str = "group", eps: float = 1e-4,
+    all_reduce: AllReduce | None = None,
 ) -> torch.Tensor:
     """GRPO's group-relative advantage A_i = (r_i - mean_group(r)) / (std + eps).
 
@@ -40,7 +41,8 @@ def group_normalized(
       - "none":  no division (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", §3.1).
     Matches TRL 1.16 `GRPOTrainer._generate_and_score_completions` exactly: Bessel-corrected (unbiased) std and
     eps = 1e-4 added to the std (not the variance). A zero-variance group gets advantage 0; a group of one has no
-    spread either, so it also gets 0 (TRL yields NaN there and then zeroes it with `nan_to_num`).
+    spread either, so it also gets 0 (TRL yields NaN there and then zeroes it with `nan_to_num`). Groups never span
+    processes; with `all_reduce`, "batch" takes the std of the batch over every process.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}")
@@ -52,6 +54,8 @@ def group_normalized(
         return centered
     if scale == "group":
         std = torch.sqrt(_group_sum(centered**2, group, n_groups) / (counts - 1).clamp(min=1))
+    elif all_reduce is not None:
+        std = global_masked_moments(scores, torch.ones_like(scores, dtype=torch.bool), all_reduce)[1].sqrt()
     else:
         std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
     return centered / (std + eps)
@@ -120,18 +124,18 @@ def discounted_returns(token_rewards: torch.Tensor, response_mask: torch.Tensor,
 
 
 def reinforce_pp(
-    token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0
+    token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, all_reduce: AllReduce | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (Hu 2025, "REINFORCE++", §3): advantages = batch-whitened returns-to-go. Returns (advantages, returns).
 
     Shape: token_rewards, response_mask (B, T) -> two (B, T); 0 on non-counting tokens. `token_rewards` are the
     KL-shaped rewards (`kl_shaped_rewards`). Unlike the other estimators here this one WHITENS by definition: the
     global (whole-batch, all counting tokens) normalization replaces a critic or a group baseline (OpenRLHF
-    `REINFORCE++`: cumulative returns, then `masked_whiten` over the batch).
+    `REINFORCE++`: cumulative returns, then `masked_whiten` over the batch; with `all_reduce`, over every process's).
     """
     mask = response_mask.bool()
     returns = discounted_returns(token_rewards, mask, gamma)
-    advantages = masked_whiten(returns, mask)
+    advantages = masked_whiten(returns, mask, all_reduce=all_reduce)
     return torch.where(mask, advantages, torch.zeros_like(advantages)), returns
 
 

@@ -156,13 +156,22 @@ class StageConfig(Section):
     output_dir: str = Field("runs/stage", description="where the stage writes its artifacts")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="experiment tracking")
 
-    def fingerprint(self, wired: Iterable[str] = ()) -> str:
+    def fingerprint(self, wired: Iterable[str] = (), processes: int = 1) -> str:
         """Hash of everything that changes the stage's result (tracking and output location do not).
 
         `wired` keys hold an earlier stage's directory: the path is left out (a pipeline moved to another
         output_dir is the same pipeline) and that stage's own fingerprint is hashed in by the runner instead.
+        Batches count globally over the `processes` of the run: only the global batch (batch_size × grad_accum ×
+        processes, prompts_per_step × processes) is hashed, not how it is split into micro-batches and processes,
+        so a run interrupted on two processes resumes on one with the same global batch, and the reverse.
         """
         payload = self.model_dump(mode="json", exclude={"tracking", "output_dir"})
+        train, rl = payload.get("train"), payload.get("rl")
+        if isinstance(train, dict) and "batch_size" in train:
+            train["global_batch"] = train.pop("batch_size") * train.pop("grad_accum", 1) * processes
+        if isinstance(rl, dict) and "prompts_per_step" in rl:
+            rl["prompts_per_step"] *= processes
+            rl.pop("micro_batch_size", None)
         for key in wired:
             set_dotted(payload, key, "<input>")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

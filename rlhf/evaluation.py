@@ -62,13 +62,16 @@ class PromptScores:
 
 @torch.no_grad()
 def score_prompts(policy, records: list[Record], generation: GenerationSettings | None = None,
-                  score_fn: ScoreFn | None = None, seed: int = 0, group_by: Sequence[str] = ()) -> PromptScores:
+                  score_fn: ScoreFn | None = None, seed: int = 0, group_by: Sequence[str] = (),
+                  accelerator=None) -> PromptScores:
     """Greedy-decode (and, with `generation.samples` > 0, sample) every record's prompt and score the completions.
 
     Without `score_fn` only records of demo-world tasks are kept and scored by the world's gold scorers. Rows are
     grouped by `record["task"]` when present (else "all"), and further by the dotted record fields in `group_by`
-    (e.g. `["meta.format"]`: "add/direct", "add/reason"). Sampling is seeded per batch, so the scores are a function
-    of the weights and `seed`.
+    (e.g. `["meta.format"]`: "add/direct", "add/reason"). Each prompt's samples are seeded by `seed` and its
+    position, so the scores are a function of the weights and `seed`, whatever the batching. With an `accelerator`
+    of several processes, every process must call this: each scores its share of the batches and all get the
+    whole result.
     """
     generation = generation or GenerationSettings()
     if score_fn is None:
@@ -78,27 +81,43 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
         score_fn = world_gold_scores
     tasks = [str(r.get("task") or "all") for r in records]
     groups = ["/".join([t] + [str(v) for key in group_by if (v := _dotted(r, key)) is not None]) for t, r in zip(tasks, records)]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    starts = range(0, len(records), generation.batch_size)[rank::world]  # round-robin over processes
+    parts = [_score_batch(policy, records, start, generation, score_fn, seed)
+             for start in progress(starts, total=len(starts), desc="eval")]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = sorted(gather_object(parts), key=lambda part: part["start"])
     out = PromptScores(tasks=tasks, greedy=[], groups=groups if group_by else [])
-    batches = range(0, len(records), generation.batch_size)
-    for start in progress(batches, total=len(batches), desc="eval"):
-        chunk = records[start:start + generation.batch_size]
-        prompts = [r["prompt"] for r in chunk]
-        rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend)
-        scores, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
-        out.greedy += scores
-        for name, values in extras.items():
+    for part in parts:
+        out.greedy += part["greedy"]
+        for name, values in part["extras"].items():
             out.extras.setdefault(name, []).extend(values)
-        out.lengths += rollout.lengths.tolist()
-        out.ended += rollout.ended.tolist()
-        if generation.samples:
-            k = generation.samples
-            rollout = policy.generate(prompts, n=k, max_new_tokens=generation.max_new_tokens,
-                                      temperature=generation.temperature, seed=seed * 1_000_003 + start,
-                                      backend=generation.backend)
-            rows = [chunk[i] for i in rollout.prompt_index.tolist()]
-            scores, _ = _split(score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist()))
-            out.sampled += [scores[i * k:(i + 1) * k] for i in range(len(chunk))]
+        out.lengths += part["lengths"]
+        out.ended += part["ended"]
+        out.sampled += part["sampled"]
     return out
+
+
+def _score_batch(policy, records: list[Record], start: int, generation: GenerationSettings, score_fn: ScoreFn,
+                 seed: int) -> dict:
+    """Scores of the batch of records that begins at `start` (plain lists, so processes can exchange them)."""
+    chunk = records[start:start + generation.batch_size]
+    prompts = [r["prompt"] for r in chunk]
+    rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend)
+    greedy, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
+    part = {"start": start, "greedy": greedy, "extras": extras, "lengths": rollout.lengths.tolist(),
+            "ended": rollout.ended.tolist(), "sampled": []}
+    if generation.samples:
+        k = generation.samples
+        rollout = policy.generate(prompts, n=k, max_new_tokens=generation.max_new_tokens,
+                                  temperature=generation.temperature, seed=seed, first_prompt=start,
+                                  backend=generation.backend)
+        rows = [chunk[i] for i in rollout.prompt_index.tolist()]
+        scores, _ = _split(score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist()))
+        part["sampled"] = [scores[i * k:(i + 1) * k] for i in range(len(chunk))]
+    return part
 
 
 def _split(result) -> tuple[list[float], dict[str, list[float]]]:
@@ -149,9 +168,10 @@ def summarize(scores: PromptScores, k: int | None = None) -> dict[str, float]:
 
 
 def evaluate_gold(policy, records: list[Record], generation: GenerationSettings | None = None,
-                  score_fn: ScoreFn | None = None, seed: int = 0) -> dict[str, float]:
-    """`summarize(score_prompts(...))`: the metrics every stage logs as `eval/...` ({} when nothing is scored)."""
-    return summarize(score_prompts(policy, records, generation, score_fn, seed))
+                  score_fn: ScoreFn | None = None, seed: int = 0, accelerator=None) -> dict[str, float]:
+    """`summarize(score_prompts(...))`: the metrics every stage logs as `eval/...` ({} when nothing is scored).
+    With an `accelerator`, the prompts are split over its processes (every process must call this)."""
+    return summarize(score_prompts(policy, records, generation, score_fn, seed, accelerator=accelerator))
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 5000, seed: int = 0,

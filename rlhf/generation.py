@@ -447,12 +447,24 @@ def warp_scores(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     return scores
 
 
+def prompt_uniforms(seed: int, first_prompt: int, prompts: int, n: int, steps: int) -> torch.Tensor:
+    """The uniform numbers that drive sampling, (prompts·n, steps) float64: prompt i's n rows draw from their own
+    stream, seeded by (`seed`, `first_prompt` + i). A prompt's samples therefore do not depend on which other prompts
+    share its batch or its process: a rollout split across processes draws what one process would (up to float
+    rounding of the logits), and so does an evaluation split into other batches."""
+    out = torch.empty(prompts * n, steps, dtype=torch.float64)
+    for i in range(prompts):
+        stream = (seed * 6_364_136_223_846_793_005 + (first_prompt + i) * 1_442_695_040_888_963_407) % 2**63
+        out[i * n:(i + 1) * n] = torch.rand(n, steps, dtype=torch.float64, generator=torch.Generator().manual_seed(stream))
+    return out
+
+
 def select_tokens(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> torch.Tensor:
+                  top_p: float = 1.0, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of each row from float32 logits (B, V): the argmax (greedy, first index on ties, as
     `generate`), or one draw from softmax(`warp_scores(...)`).
 
-    The draw is inverse-CDF sampling with one uniform number per row from the global RNG. `torch.multinomial`
+    The draw is inverse-CDF sampling with one uniform number per row: `uniform` (B,), else from the global RNG. `torch.multinomial`
     (what `generate` calls) draws one exponential per vocabulary entry: a fifth of a small model's decode step on
     CPU at 256 rows. The cumulative sum accumulates in double on CPU; the draw is clamped below the total, so a
     token of probability 0 is never picked."""
@@ -460,7 +472,8 @@ def select_tokens(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, 
         return logits.argmax(-1)
     cdf = warp_scores(logits, temperature, top_k, top_p).softmax(-1).cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    u = torch.rand_like(total) if uniform is None else uniform.to(total)[:, None]
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
@@ -482,7 +495,8 @@ LAST = SampleStats()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> torch.Tensor:
     """Sample `n` responses for each distinct left-padded prompt (R, p) and return the raw response ids (R·n, T),
     rows grouped by prompt, finished rows filled with `pad_token_id`, T = the steps run (<= max_new_tokens): what
-    `model.generate(...)[:, p:]` returns for the prompts repeated n times. Random draws come from the global RNG.
+    `model.generate(...)[:, p:]` returns for the prompts repeated n times. Random draws come from `uniforms`
+    (R·n, max_new_tokens; see `prompt_uniforms`), else from the global RNG.
 
     Keyword args: n, max_new_tokens, eos_token_id, pad_token_id, greedy, temperature, top_k, top_p (transformers'
     meaning; top_k = 0 and top_p = 1 are off), and
@@ -511,6 +525,7 @@ def _sample(
     top_p: float = 1.0,
     bf16: bool = False,
     compile: bool | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     global LAST
     stats = LAST = SampleStats()
@@ -562,7 +577,7 @@ def _sample(
     logits = logits.repeat_interleave(n, dim=0)
     steps = 0
     for t in range(max_new_tokens):
-        tokens = select_tokens(logits, greedy, temperature, top_k, top_p)
+        tokens = select_tokens(logits, greedy, temperature, top_k, top_p, None if uniforms is None else uniforms[:, t])
         tokens = torch.where(unfinished, tokens, pad_token_id)
         out[:, t] = tokens
         steps = t + 1

@@ -5,7 +5,13 @@ Vocabulary: `response_mask` is True where a token counts (never a "padding mask"
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+# Sums a tensor over the processes of a multi-process run (`lambda t: accelerator.reduce(t, "sum")`). Batch statistics
+# take one, so that a batch split over processes is normalized as a whole; None = this process holds the whole batch.
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -31,9 +37,24 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over counting tokens; `shift_mean=False` keeps the mean (scale only)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and Bessel-corrected variance over the counting tokens of every process's `values`."""
+    weights = mask.to(values.dtype)
+    count, total = all_reduce(torch.stack([weights.sum(), (values * weights).sum()]))
+    mean = total / count.clamp(min=1)
+    squares = all_reduce(((values - mean) ** 2 * weights).sum())
+    n = count.clamp(min=2)
+    return mean, squares / count.clamp(min=1) * n / (n - 1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: AllReduce | None = None) -> torch.Tensor:
+    """(x - mean) / std over counting tokens; `shift_mean=False` keeps the mean (scale only). With `all_reduce`, the
+    mean and std are those of the whole batch over every process."""
+    if all_reduce is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mean, var = global_masked_moments(values, mask, all_reduce)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 

@@ -25,7 +25,7 @@ from rlhf.config import (
 )
 from rlhf.errors import UserError
 from rlhf.tracking import Tracker
-from rlhf.training import NonFiniteError, latest_checkpoint, remove_checkpoints
+from rlhf.training import NonFiniteError, latest_checkpoint, process_state, remove_checkpoints
 
 # stage kind -> the module of its recipe (exposes `Config` and `run(cfg, ctx)`), imported only when the stage runs
 # (torchtune's recipe registry by path): `rlhf sft` never imports the web app. Adding a stage is one line here.
@@ -121,18 +121,15 @@ def run_stage(
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def _claim_on_main(out: Path, **kwargs) -> str:
     """Only the main process touches the directory (under `accelerate launch` every process runs this code);
     the others wait and receive its decision."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    state = process_state()
     decision: list = [None]
     if state.is_main_process:
         try:
@@ -148,7 +145,8 @@ def _claim_on_main(out: Path, **kwargs) -> str:
 
 def _combined_fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
     """The config's own hash plus its inputs' hashes: a retrained upstream stage invalidates this one."""
-    parts = [cfg.fingerprint(wired=inputs)] + [f"{k}={v}" for k, v in sorted(inputs.items())]
+    parts = [cfg.fingerprint(wired=inputs, processes=process_state().num_processes)]
+    parts += [f"{k}={v}" for k, v in sorted(inputs.items())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -243,9 +243,9 @@ class PolicyModel:
                 nn.init.zeros_(value_head.weight)  # V = b at start: no random noise in early advantages
                 nn.init.zeros_(value_head.bias)
         if device is None:
-            from accelerate import PartialState
+            from rlhf.training import process_state
 
-            device = PartialState().device
+            device = process_state().device
         return cls(model, tokenizer, ref_model=ref_model, value_head=value_head).to(device)
 
     @classmethod
@@ -335,10 +335,15 @@ class PolicyModel:
         seed: int | None = None,
         backend: str | None = None,
         bf16: bool = False,
+        first_prompt: int = 0,
     ) -> Rollout:
         """Sample `n` responses per prompt (stopping at EOS) and return them as a `Rollout`.
 
-        Rows are grouped by prompt. With `seed` the sampling is reproducible and the global RNG is left untouched.
+        Rows are grouped by prompt. With `seed` the sampling is reproducible and the global RNG is left untouched;
+        on the fast backend each prompt then draws from its own stream, seeded by `seed` and its position
+        `first_prompt` + i in a larger batch (e.g. the step's prompts over all processes), so its samples do not
+        depend on how that batch was split (`rlhf.generation.prompt_uniforms`). Hugging Face's `generate` draws
+        from one stream for the whole call.
         `backend`: "fast" (`rlhf.generation`: each prompt prefilled once for its n samples, a fixed-shape KV-cache
         decode loop) or "hf" (`model.generate`); None = `rlhf.generation.default_backend()`. A model the fast sampler
         does not support falls back to "hf" with one warning. `bf16` (fast only): weights and KV cache in bfloat16.
@@ -384,6 +389,8 @@ class PolicyModel:
                         self.model, distinct_ids, distinct_mask, n=n, max_new_tokens=max_new_tokens,
                         eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                         greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, bf16=bf16,
+                        uniforms=None if seed is None or greedy else
+                        generation.prompt_uniforms(seed, first_prompt, len(prompts), n, max_new_tokens).to(self.device),
                     )
                 else:
                     out = self.model.generate(

@@ -55,6 +55,7 @@ def make_experience(
     with_reference: bool = False,
     critic: Callable[[Rollout], torch.Tensor] | None = None,
     micro_batch_size: int = 64,
+    first_prompt: int = 0,
 ) -> Experience:
     """Sample `sampling.n` completions for each record's prompt, score them and compute the fixed tensors of the
     update.
@@ -68,6 +69,8 @@ def make_experience(
             old log-probs are the current ones, detached (TRL does the same), which also makes the ratio exactly 1.
         with_reference: compute log π_ref (False when β = 0: the reference is never run).
         critic: returns values (B, T) for a rollout (PPO); None = no values.
+        first_prompt: the position of `records[0]` among the step's prompts over all processes: each prompt's
+            samples draw from a stream of (`seed`, its position), so a split batch samples what a whole one would.
     """
     timings: dict[str, float] = {}
     was_training = policy.model.training
@@ -77,7 +80,7 @@ def make_experience(
             rollout = policy.generate(
                 [r["prompt"] for r in records], n=sampling.n, max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
-                backend=sampling.backend, bf16=sampling.bf16,
+                backend=sampling.backend, bf16=sampling.bf16, first_prompt=first_prompt,
             )
         with _timed(timings, "score"):
             scores = scorer.score_rollout(rollout, list(records))

@@ -167,15 +167,29 @@ class StepTimer:
 # The loop's small pieces
 
 
+def process_state():
+    """accelerate's `PartialState` of this process. Started by `torchrun` / `accelerate launch` (LOCAL_RANK set) on a
+    machine without a GPU, the processes form a gloo group on CPU: accelerate's default would leave each one a
+    separate single-process run (its own multi-CPU mode needs MPI)."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return PartialState(cpu=launched and not torch.cuda.is_available())
+
+
 def make_accelerator(train, seed: int):
     """An Accelerator for this stage (fresh state, so stages with different precision can share a process)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
+    state = process_state()
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no")
+    # step_scheduler_with_optimizer=False: accelerate otherwise steps a prepared scheduler once per process at every
+    # optimizer step (it assumes max_steps shrinks with more processes); ours count global optimizer steps
+    accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no",
+                              step_scheduler_with_optimizer=False, cpu=state.device.type == "cpu")
     set_seed(seed)
     return accelerator
 
@@ -249,20 +263,37 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def reduce_metrics(accelerator, metrics: dict) -> dict[str, float]:
+    """One row of metrics for all processes: each key's mean over the processes that logged it (the max for
+    perf/peak_rss_gb). Every process holds an equal share of the global batch, so the mean of per-process means is
+    the global mean, and a loss computed as its share of a global normalizer (ours are) averages to the global loss.
+    Every process must call this."""
+    values = {k: float(v) for k, v in metrics.items()}
+    if accelerator.num_processes == 1:
+        return values
+    from accelerate.utils import gather_object
+
+    rows = gather_object([values])
+    keys = dict.fromkeys(k for row in rows for k in row)
+    combine = {"perf/peak_rss_gb": max}
+    return {k: combine.get(k, lambda v: sum(v) / len(v))([row[k] for row in rows if k in row]) for k in keys}
+
+
 def end_of_step(ctx, accelerator, train, done: int, counters: dict, timer: StepTimer, *, tokens: int,
                 metrics: dict, evaluate=None, state: dict | None = None) -> float:
     """The per-step tail every recipe shares, after its optimizer step(s) and counter updates. Returns the lap.
 
-    Logs `metrics` plus perf/step_seconds, perf/tokens_per_s (`tokens` processed this step), perf/peak_rss_gb and the
-    progress axes every `train.log_every` steps and at the last; evaluates (`evaluate() -> dict`) every
-    `train.eval_every`; checkpoints every `train.save_every` with `counters` and extra resumable floats in `state`
-    (e.g. the adaptive KL coefficient). The final eval and save stay in the recipe.
+    Logs `metrics` (reduced over processes) plus perf/step_seconds, perf/tokens_per_s (`tokens` processed this step
+    by all processes), perf/peak_rss_gb and the progress axes every `train.log_every` steps and at the last;
+    evaluates (`evaluate() -> dict`) every `train.eval_every`; checkpoints every `train.save_every` with `counters`
+    and extra resumable floats in `state` (e.g. the adaptive KL coefficient). The final eval and save stay in the
+    recipe.
     """
     lap = timer.lap()
     if done % train.log_every == 0 or done == train.max_steps:
         ctx.tracker.log({
-            **metrics, "perf/step_seconds": lap, "perf/tokens_per_s": tokens / max(lap, 1e-9),
-            "perf/peak_rss_gb": peak_rss_gb(), **progress_axes(counters, timer),
+            **reduce_metrics(accelerator, {**metrics, "perf/step_seconds": lap, "perf/peak_rss_gb": peak_rss_gb()}),
+            "perf/tokens_per_s": tokens / max(lap, 1e-9), **progress_axes(counters, timer),
         }, step=done)
     if evaluate is not None and is_due(train.eval_every, done, train.max_steps):
         ctx.tracker.log({**evaluate(), **progress_axes(counters, timer)}, step=done)
@@ -276,7 +307,7 @@ def final_eval_and_save(ctx, accelerator, policy, metrics: dict, evaluate, count
                         max_steps: int, merged: bool = False) -> dict:
     """A policy stage's last step: final evaluation logged at `max_steps`, then the bare policy saved in Hugging Face
     format by the main process (the adapter, or with `merged` the merged model). Returns `metrics` updated."""
-    metrics.update(evaluate())
+    metrics = {**reduce_metrics(accelerator, metrics), **evaluate()}
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=max_steps)
     if accelerator.is_main_process:
         policy.unwrapped(accelerator).save(ctx.dir, merged=merged)

@@ -132,9 +132,9 @@ def plan(cfg: CompareConfig, processes: int | None = None) -> list[PlannedRun]:
     """Every run of the comparison with its resolved stage config, seed-major (all algorithms of the first seed
     first, so a comparison stopped early already compares). Raises `UserError` for any config problem."""
     if processes is None:
-        from accelerate import PartialState
+        from rlhf.training import process_state
 
-        processes = PartialState().num_processes
+        processes = process_state().num_processes
     schemas = {name: algorithm_recipe(name, spec.kind).Config for name, spec in cfg.algorithms.items()}
     keys = {name: set(valid_keys(schema)) for name, schema in schemas.items()}
     for key in cfg.shared:
@@ -370,15 +370,15 @@ def run_one_main(argv: list[str]) -> int:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
+    from rlhf.training import process_state
 
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def _num_processes() -> int:
-    from accelerate import PartialState
+    from rlhf.training import process_state
 
-    return PartialState().num_processes
+    return process_state().num_processes
 
 
 def _prepare(cfg: CompareConfig, debug: bool) -> None:

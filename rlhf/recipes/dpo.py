@@ -175,7 +175,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         model.eval()
         metrics = evaluate_pairs(policy, eval_set, cfg, reference_for, accelerator.device)
         if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
-            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.eval.generation, seed=cfg.seed))
+            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.eval.generation, seed=cfg.seed,
+                                          accelerator=accelerator))
         model.train()
         return metrics
 

@@ -34,7 +34,7 @@ from rlhf.data import load_rl_prompts
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
-from rlhf.ops import kl_k1, masked_mean
+from rlhf.ops import global_masked_moments, kl_k1, masked_mean
 from rlhf.policy import PolicyModel
 from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
 from rlhf.rollout import log_samples, make_experience
@@ -91,6 +91,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     kl_in_reward = cfg.kl.in_reward or adv_name == "reinforce_pp"  # REINFORCE++ shapes token rewards by definition
     beta_on = cfg.kl.beta > 0
     updates_per_step = cfg.rl.epochs * cfg.rl.minibatches
+    # batch statistics (scale_rewards: batch, REINFORCE++'s whitening, the logged reward std) over every process
+    all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     if cfg.sampling.n < 2 and adv_name != "reinforce_pp":
         raise UserError(f"config key 'sampling.n' must be ≥ 2 for '{adv_name}' (its baseline is the rest of the group)")
 
@@ -125,7 +127,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if not eval_records:
             return {}
         score_fn = scorer_score_fn(eval_scorer, scorer if eval_scorer is not scorer else None)
-        return evaluate_gold(policy.unwrapped(accelerator), eval_records, cfg.eval.generation, score_fn, seed=cfg.seed)
+        return evaluate_gold(policy.unwrapped(accelerator), eval_records, cfg.eval.generation, score_fn, seed=cfg.seed,
+                            accelerator=accelerator)
 
     # 6. the loop -----------------------------------------------------------------------------------------------
     model.train()
@@ -142,13 +145,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         beta = kl_ctl.value
         if adv_name == "reinforce_pp":
             kl = seq_kl if seq_kl is not None else torch.zeros_like(mask, dtype=torch.float32)
-            exp.advantages, exp.returns = reinforce_pp(kl_shaped_rewards(exp.scores, kl, mask, beta), mask)
+            exp.advantages, exp.returns = reinforce_pp(kl_shaped_rewards(exp.scores, kl, mask, beta), mask,
+                                                       all_reduce=all_reduce)
         else:
             rewards = exp.scores - beta * seq_kl.sum(-1) if kl_in_reward and seq_kl is not None else exp.scores
             if adv_name == "rloo":
                 exp.advantages = rloo(rewards, exp.rollout.prompt_index)
             else:
-                exp.advantages = group_normalized(rewards, exp.rollout.prompt_index, scale=scale)
+                exp.advantages = group_normalized(rewards, exp.rollout.prompt_index, scale=scale, all_reduce=all_reduce)
 
         # 6.3 μ epochs × minibatches of the clipped surrogate (+ β·KL in the loss), micro-batched -----------------
         sums: dict[str, float] = {}
@@ -184,14 +188,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         update_seconds = time.perf_counter() - update_started
 
         # 6.4 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
-        if beta_on:
-            kl_ctl.update(float(row_kl.mean()), len(exp) * accelerator.num_processes)
+        if beta_on:  # the same β on every process: the KL over the global batch
+            kl_ctl.update(float(accelerator.reduce(row_kl.mean(), "mean")), len(exp) * accelerator.num_processes)
         tokens = int(mask.sum()) * accelerator.num_processes
         counters["samples"] += len(exp) * accelerator.num_processes
         counters["tokens"] += tokens
         step_metrics = {
             "train/reward": float(exp.scores.mean()),
-            "train/reward_std": float(exp.scores.std()) if len(exp) > 1 else 0.0,
+            "train/reward_std": _std(exp.scores, all_reduce),
             "train/frac_zero_std_groups": zero_std_frac,
             "train/response_length": float(exp.rollout.lengths.float().mean()),
             "train/truncated_frac": 1.0 - float(exp.rollout.ended.float().mean()),
@@ -249,7 +253,8 @@ def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, ne
                                   accelerator.process_index, accelerator.num_processes)
         batch = [records[i] for i in idx]
         exp = make_experience(policy, scorer, batch, cfg.sampling, seed=cfg.seed * 1_000_003 + step * 1009 + rnd,
-                              with_old_logprobs=need_old, with_reference=need_ref, micro_batch_size=cfg.rl.micro_batch_size)
+                              with_old_logprobs=need_old, with_reference=need_ref, micro_batch_size=cfg.rl.micro_batch_size,
+                              first_prompt=accelerator.process_index * cfg.rl.prompts_per_step)
         rounds += 1
         groups = exp.scores.view(-1, cfg.sampling.n)
         varied = (groups.max(1).values - groups.min(1).values) > 1e-6
@@ -265,9 +270,21 @@ def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, ne
             break
     if not kept:  # every group tied in every round: train on the last rollout (its advantages are all zero)
         return exp, rounds, zero_frac
+    if n_groups < cfg.rl.prompts_per_step:
+        # rounds ran out: top up with tied groups of the last round (zero advantage), so that every step (and every
+        # process: their micro-batch counts must match under DDP) trains on exactly P groups
+        tied = torch.nonzero(~varied).flatten()[: cfg.rl.prompts_per_step - n_groups]
+        kept.append(exp.select((tied[:, None] * cfg.sampling.n + torch.arange(cfg.sampling.n)).flatten()))
     merged = _cat_experiences(kept, policy.tokenizer.pad_token_id)
     merged = merged.select(list(range(min(len(merged), cfg.rl.prompts_per_step * cfg.sampling.n))))
     return merged, rounds, zero_frac
+
+
+def _std(values: torch.Tensor, all_reduce) -> float:
+    """Bessel-corrected std of `values` (B,), over every process with `all_reduce`."""
+    if all_reduce is not None:
+        return float(global_masked_moments(values, torch.ones_like(values, dtype=torch.bool), all_reduce)[1].sqrt())
+    return float(values.std()) if len(values) > 1 else 0.0
 
 
 def _cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:

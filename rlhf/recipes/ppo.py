@@ -52,7 +52,9 @@ from rlhf.errors import UserError
 from rlhf.data import load_rl_prompts
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty, value_loss
-from rlhf.ops import KL_ESTIMATORS, kl_k1, masked_mean, masked_var, masked_whiten, position_ids_from_mask
+from rlhf.ops import (
+    KL_ESTIMATORS, global_masked_moments, kl_k1, masked_mean, masked_var, masked_whiten, position_ids_from_mask,
+)
 from rlhf.policy import PolicyModel
 from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
 from rlhf.rollout import log_samples, make_experience
@@ -163,6 +165,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     beta_on = cfg.kl.beta > 0
     kl_in_reward = cfg.kl.in_reward
     temperature = cfg.sampling.temperature  # sampling and every training log-prob use the same one (N details)
+    # whitening and the logged batch statistics over every process's share of the batch
+    all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+
+    def moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if all_reduce is not None:
+            return global_masked_moments(values, mask, all_reduce)
+        return masked_mean(values, mask), masked_var(values, mask)
+
     if kind == "adapter" and cfg.model.lora is None:
         raise UserError("config key 'critic.kind' is 'adapter': set model.lora too (the critic adapter shares the "
                         "policy's frozen base), or use critic.kind: model")
@@ -231,7 +241,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if not eval_records:
             return {}
         return evaluate_gold(policy.unwrapped(accelerator), eval_records, cfg.eval.generation,
-                             scorer_score_fn(eval_scorer, scorer), seed=cfg.seed)
+                             scorer_score_fn(eval_scorer, scorer), seed=cfg.seed, accelerator=accelerator)
 
     # 7. the loop -----------------------------------------------------------------------------------------------
     set_mode()
@@ -257,7 +267,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         exp = make_experience(bare, scorer, [records[i] for i in idx], cfg.sampling,
                               seed=cfg.seed * 1_000_003 + step * 1009, with_old_logprobs=False, with_reference=beta_on,
                               critic=critic_hook if kind != "value_head" else None,
-                              micro_batch_size=cfg.rl.micro_batch_size)
+                              micro_batch_size=cfg.rl.micro_batch_size,
+                              first_prompt=accelerator.process_index * cfg.rl.prompts_per_step)
         if len(exp) != len(orders[0]):
             raise RuntimeError(f"rollout has {len(exp)} rows, expected {len(orders[0])}")
         mask = exp.response_mask
@@ -285,14 +296,15 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         token_rewards = kl_shaped_rewards(scores, kl_tokens if kl_in_reward else torch.zeros_like(kl_tokens), mask, beta)
         reward_with_kl = scores - beta * kl_tokens.sum(-1)  # the KL-regularized objective, wherever the KL enters
         if cfg.reward.whiten != "none":  # over the batch's counting tokens; "scale" keeps the mean (TRL)
-            token_rewards = masked_whiten(token_rewards, mask, shift_mean=cfg.reward.whiten == "center") * mask
+            token_rewards = masked_whiten(token_rewards, mask, shift_mean=cfg.reward.whiten == "center",
+                                          all_reduce=all_reduce) * mask
 
         # 7.3 GAE on the critic's values (raw), then advantage whitening, visibly here -------------------------------
         advantages, exp.returns = gae(token_rewards, exp.values, mask, cfg.loss.gamma, cfg.loss.lam)
         if cfg.loss.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
+            advantages = masked_whiten(advantages, mask, all_reduce=all_reduce) * mask
         exp.advantages = advantages
-        explained_var = 1.0 - float(masked_var(exp.returns - exp.values, mask) / masked_var(exp.returns, mask).clamp(min=1e-8))
+        explained_var = 1.0 - float(moments(exp.returns - exp.values, mask)[1] / moments(exp.returns, mask)[1].clamp(min=1e-8))
 
         # 7.4 K epochs × minibatches of the clipped surrogate + clipped value loss (− entropy bonus), micro-batched ------
         sums: dict[str, float] = {}
@@ -329,22 +341,22 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         update_seconds = time.perf_counter() - update_started
 
         # 7.5 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
-        if beta_on and policy_on:
-            kl_ctl.update(float(row_kl.mean()), len(exp) * accelerator.num_processes)
+        if beta_on and policy_on:  # the same β on every process: the KL over the global batch
+            kl_ctl.update(float(accelerator.reduce(row_kl.mean(), "mean")), len(exp) * accelerator.num_processes)
         tokens = int(mask.sum()) * accelerator.num_processes
         counters["samples"] += len(exp) * accelerator.num_processes
         counters["tokens"] += tokens
         step_metrics = {
             "train/reward": float(scores.mean()),
-            "train/reward_std": float(scores.std()) if len(exp) > 1 else 0.0,
+            "train/reward_std": float(moments(scores, torch.ones_like(scores, dtype=torch.bool))[1].sqrt()),
             "train/reward_with_kl": float(reward_with_kl.mean()),
             "train/kl_coef": beta,
             "train/response_length": float(exp.rollout.lengths.float().mean()),
             "train/truncated_frac": 1.0 - float(exp.rollout.ended.float().mean()),
             "train/lr": scheduler.get_last_lr()[0],
             "train/policy_updating": float(policy_on),
-            "train/advantage_mean": float(masked_mean(exp.advantages, mask)),
-            "train/advantage_std": float(masked_var(exp.advantages, mask).sqrt()),
+            "train/advantage_mean": float(moments(exp.advantages, mask)[0]),
+            "train/advantage_std": float(moments(exp.advantages, mask)[1].sqrt()),
             "value/explained_var": explained_var,
             "value/mean": float(masked_mean(exp.values, mask)),
             "value/returns_mean": float(masked_mean(exp.returns, mask)),

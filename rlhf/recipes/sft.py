@@ -96,7 +96,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if eval_set:
             metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device)
         if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
-            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.generation))
+            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.generation, accelerator=accelerator))
         model.train()
         return metrics
 

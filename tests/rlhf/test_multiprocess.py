@@ -1,0 +1,224 @@
+"""Scale-out on CPU: every trainable stage under `accelerate launch` with two processes (gloo) gives what one process
+gives for the same global batch and seed, and a checkpoint moves between process counts.
+
+One pipeline holds a tiny sft, reward, dpo, grpo and ppo stage (each on fixed inputs, so each is compared on its
+own). It runs once on one process (micro-batches accumulated: `grad_accum` 2, or all prompts in one rollout) and once
+on two (`grad_accum` 1, half the prompts per process): the same global batch, split differently. Compared step by
+step: the logged losses, rewards and gradient norms, the final gold evaluation (sharded over the processes) and the
+saved weights.
+
+Tolerance: a batch split over processes is padded differently and summed in another order, so results agree to
+float32 rounding, not bit for bit: 2e-4 relative (+1e-5 absolute) on metrics, 1e-4 absolute on weights after the
+last step. Sampling draws from per-prompt streams, so the two runs sample the same completions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf.stage import read_manifest
+from rlhf.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+RTOL, ATOL, WEIGHT_ATOL = 2e-4, 1e-5, 1e-4
+
+# the metrics compared per stage, at every logged step
+COMPARED = {
+    "sft": ["loss/total", "train/grad_norm", "train/lr"],
+    "reward": ["loss/total", "train/accuracy", "train/grad_norm"],
+    "dpo": ["loss/total", "loss/dpo", "train/accuracy", "train/margin", "train/grad_norm"],
+    "grpo": ["loss/total", "loss/policy", "loss/kl", "train/reward", "train/reward_std", "train/kl", "train/kl_coef",
+             "train/grad_norm"],
+    "ppo": ["loss/total", "loss/policy", "loss/value", "train/reward", "train/reward_std", "train/kl", "train/kl_coef",
+            "train/advantage_std", "value/explained_var", "train/grad_norm"],
+}
+# how one process holds the same global batch as two: accumulated micro-batches, or twice the prompts
+ONE_PROCESS = {"sft": {"train.grad_accum": 2}, "reward": {"train.grad_accum": 2}, "dpo": {"train.grad_accum": 2},
+               "grpo": {"rl.prompts_per_step": 4, "rl.micro_batch_size": 8},
+               "ppo": {"rl.prompts_per_step": 4, "rl.micro_batch_size": 8}}
+TWO_PROCESSES = {"sft": {"train.grad_accum": 1}, "reward": {"train.grad_accum": 1}, "dpo": {"train.grad_accum": 1},
+                 "grpo": {"rl.prompts_per_step": 2, "rl.micro_batch_size": 4},
+                 "ppo": {"rl.prompts_per_step": 2, "rl.micro_batch_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A nano policy with the action tokens, a random nano reward model, and small data files of the demo world."""
+    from reward_models.model import RewardModel
+    from rlhf.policy import add_special_tokens, load_tokenizer
+    from rlhf.world import build_tiny_lm
+
+    d = tmp_path_factory.mktemp("mp-inputs")
+    tok = load_tokenizer(str(ROOT / "data/demo/tokenizer"))
+    model = build_tiny_lm(tok, "nano", seed=0)
+    add_special_tokens(model, tok, ["<add>", "<review>"])
+    model.save_pretrained(d / "policy")
+    tok.save_pretrained(d / "policy")
+    torch.manual_seed(1)
+    rm = RewardModel.from_backbone(str(d / "policy"))
+    rm.set_stats(torch.tensor([0.3, -0.1, 0.5, 0.1]), "test")
+    rm.save(d / "rm")
+
+    def rows(name):
+        return [json.loads(x) for x in (ROOT / "data/demo" / name).read_text().splitlines()]
+
+    def write(name, items):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in items))
+
+    write("sft.jsonl", rows("sft.jsonl")[:48])
+    write("pairs.jsonl", rows("preferences_example.jsonl")[:64])
+    write("review_prompts.jsonl", [r for r in rows("rl_prompts.jsonl") if r["task"] == "review"][:16])
+    write("add_prompts.jsonl", [r for r in rows("rl_prompts.jsonl") if r["task"] == "add"][:16])
+    evals = rows("eval_prompts.jsonl")
+    write("eval.jsonl", [r for r in evals if r["task"] == "add"][:3] + [r for r in evals if r["task"] == "review"][:3])
+    return d
+
+
+def stage_overrides(d: Path) -> dict[str, dict]:
+    """Each stage's settings in the pipeline (the per-process batch split is added per run)."""
+    gen = {"max_new_tokens": 6, "batch_size": 2, "samples": 2}  # 3 eval batches: uneven over 2 processes
+    rl_common = {
+        "model.path": str(d / "policy"), "sampling.n": 2, "sampling.max_new_tokens": 6, "rl.epochs": 2,
+        "rl.minibatches": 1, "train.max_steps": 3, "train.log_every": 1, "train.eval_every": 2, "optim.lr": 1e-2,
+        "eval.prompts": str(d / "eval.jsonl"), "eval.generation": gen, "samples_every": 0,
+    }
+    return {
+        "sft": {"model.path": str(d / "policy"), "action_tokens": [], "data.train": str(d / "sft.jsonl"),
+                "data.eval_fraction": 0.1, "data.gold_prompts": str(d / "eval.jsonl"), "generation": gen,
+                "train.batch_size": 2, "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 3,
+                "train.save_every": 2, "optim.lr": 3e-3},
+        "reward": {"model.path": str(d / "policy"), "model.max_length": 48, "data.train": str(d / "pairs.jsonl"),
+                   "data.eval_fraction": 0.25, "train.batch_size": 4, "train.max_steps": 3, "train.log_every": 1,
+                   "stats.num_samples": 8, "optim.lr": 3e-3},
+        "dpo": {"model.path": str(d / "policy"), "data.train": str(d / "pairs.jsonl"), "data.ties": "drop",
+                "data.eval_fraction": 0.25, "train.batch_size": 2, "train.max_steps": 3, "train.log_every": 1,
+                "optim.lr": 1e-2, "eval.gold_prompts": str(d / "eval.jsonl"), "eval.generation": gen},
+        "grpo": {**rl_common, "data.prompts": str(d / "add_prompts.jsonl"), "kl.beta": 0.05, "kl.target": 1.0,
+                 "train.save_every": 1,
+                 "rewards": [{"name": "correct", "rule": "verifiable"},
+                             {"name": "short", "rule": "length_penalty", "params": {"max_words": 1}, "weight": 0.5}]},
+        "ppo": {**rl_common, "data.prompts": str(d / "review_prompts.jsonl"), "kl.beta": 0.1, "kl.target": 1.0,
+                "reward.whiten": "center",
+                "rewards": [{"name": "rm", "model": str(d / "rm"), "weight": 1.0},
+                            {"name": "short", "rule": "length_penalty", "params": {"max_words": 2}, "weight": 0.5}],
+                "eval.rewards": [{"name": "short", "rule": "length_penalty", "params": {"max_words": 2}}]},
+    }
+
+
+def write_pipeline(d: Path, out: Path, split: dict[str, dict], path: Path) -> Path:
+    stages = [{"name": kind, "kind": kind, "overrides": {**settings, **split[kind]}}
+              for kind, settings in stage_overrides(d).items()]
+    path.write_text(yaml.safe_dump({"name": "mp", "output_dir": str(out), "seed": 0, "tracking": {"mode": "disabled"},
+                                    "stages": stages}))
+    return path
+
+
+def command(processes: int, *args: str) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "rlhf.cli", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+            "--num_processes", str(processes), "-m", "rlhf.cli", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RLHF_COMPILE": "0"}
+
+
+def run(processes: int, *args: str) -> str:
+    proc = subprocess.run(command(processes, *args), cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory) -> dict[int, Path]:
+    """The pipeline's output directory after a one-process and a two-process run."""
+    tmp = tmp_path_factory.mktemp("mp-runs")
+    out = {}
+    for processes, split in ((1, ONE_PROCESS), (2, TWO_PROCESSES)):
+        out[processes] = tmp / f"p{processes}"
+        run(processes, "run", str(write_pipeline(inputs, out[processes], split, tmp / f"p{processes}.yaml")))
+    return out
+
+
+def train_rows(stage_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(stage_dir) if "train/grad_norm" in r}
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) <= ATOL + RTOL * abs(a)
+
+
+@pytest.mark.parametrize("stage", list(COMPARED))
+def test_two_processes_match_one(runs, stage):
+    one, two = train_rows(runs[1] / stage), train_rows(runs[2] / stage)
+    assert one and sorted(one) == sorted(two), "the same steps are logged, once (by the main process)"
+    mismatches = [(step, key, one[step][key], two[step][key]) for step in one for key in COMPARED[stage]
+                  if key in one[step] and not close(one[step][key], two[step][key])]
+    assert not mismatches, mismatches
+    assert all(key in one[max(one)] for key in COMPARED[stage]), set(COMPARED[stage]) - set(one[max(one)])
+
+    final_one, final_two = read_manifest(runs[1] / stage)["metrics"], read_manifest(runs[2] / stage)["metrics"]
+    evals = [k for k in final_one if k.startswith("eval/")]
+    assert evals and {k for k in final_two if k.startswith("eval/")} == set(evals)
+    assert [k for k in evals if not close(final_one[k], final_two[k])] == []
+
+    weights_one, weights_two = load_file(runs[1] / stage / "model.safetensors"), load_file(runs[2] / stage / "model.safetensors")
+    worst = max(float((weights_one[k] - weights_two[k]).abs().max()) for k in weights_one)
+    assert worst <= WEIGHT_ATOL, worst
+    assert read_manifest(runs[2] / stage)["fingerprint"] == read_manifest(runs[1] / stage)["fingerprint"], \
+        "the same global batch is the same config, however it is split"
+
+
+def test_gold_evaluation_is_sharded_not_repeated(runs):
+    """Each process generates half of the eval batches: the two-process sft stage's eval sees every prompt once."""
+    one = [r for r in read_metrics(runs[1] / "sft") if "eval/gold_score" in r]
+    two = [r for r in read_metrics(runs[2] / "sft") if "eval/gold_score" in r]
+    assert len(one) == len(two) == 2 and all(a["eval/sampled/k"] == b["eval/sampled/k"] == 2 for a, b in zip(one, two))
+
+
+def kill_at_first_checkpoint(cmd: list[str], out: Path) -> None:
+    """Start `cmd` and SIGKILL it with every process it started (the launcher's workers run in sessions of their
+    own) as soon as a checkpoint is complete."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared before the run ended"
+    tree = psutil.Process(proc.pid)
+    for child in [tree, *tree.children(recursive=True)]:
+        child.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(out)["status"] == "running", "a killed stage must not look complete"
+
+
+@pytest.mark.parametrize("stage,first,then", [("sft", 2, 1), ("sft", 1, 2), ("grpo", 2, 1)],
+                         ids=["sft-2-to-1", "sft-1-to-2", "grpo-2-to-1"])
+def test_checkpoint_resumes_on_another_process_count(inputs, runs, tmp_path, stage, first, then):
+    """A stage killed at its first checkpoint on `first` processes, resumed on `then` with the same global batch:
+    it continues from the checkpoint and ends where an uninterrupted run ends."""
+    settings = stage_overrides(inputs)[stage]
+    split = {1: ONE_PROCESS, 2: TWO_PROCESSES}
+
+    def args(processes):
+        return [stage, *(f"{k}={json.dumps(v)}" for k, v in {**settings, **split[processes][stage]}.items()),
+                f"output_dir={tmp_path / stage}", "seed=0", "tracking.mode=disabled"]
+
+    kill_at_first_checkpoint(command(first, *args(first)), tmp_path / stage)
+    printed = run(then, *args(then))
+    assert f"resuming {stage} from step-" in printed
+    resumed, straight = train_rows(tmp_path / stage), train_rows(runs[1] / stage)
+    assert sorted(resumed) == sorted(straight)
+    assert all(close(straight[s]["loss/total"], resumed[s]["loss/total"]) for s in straight), (straight, resumed)
+    assert read_manifest(tmp_path / stage)["status"] == "complete"
