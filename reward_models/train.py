@@ -28,7 +28,7 @@ from rlhf.losses import lm_loss
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
+    check_engine, end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
     reduce_metrics, resume_state, sync_unless_last,
 )
 from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
@@ -114,6 +114,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     started = time.monotonic()
     # 1. accelerator and seed ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_engine(accelerator, micro_batches=cfg.train.grad_accum,
+                 merges="saving a LoRA reward model (merged)" if cfg.model.lora else None)
 
     # 2. reward model: a new score head on the backbone (+ the LM head when the auxiliary LM loss is on) -------
     if cfg.model.path is None:

@@ -501,15 +501,15 @@ class PolicyModel:
 
     # -- saving -------------------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path, merged: bool = False) -> None:
+    def save(self, path: str | Path, merged: bool = False, state_dict: dict | None = None) -> None:
         """Write Hugging Face files: the adapter (LoRA, default) or the full / merged model, plus the tokenizer
-        and the value head."""
+        and the value head. `state_dict`: the model's weights gathered from sharded processes (FSDP / ZeRO-3)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.model
         if self.is_lora and merged:
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(str(path))
+        model.save_pretrained(str(path), **({"state_dict": state_dict} if state_dict is not None else {}))
         if self.is_lora and not merged:
             _absolute_adapter_base(path / "adapter_config.json")
         self.tokenizer.save_pretrained(str(path))

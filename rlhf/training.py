@@ -194,6 +194,39 @@ def make_accelerator(train, seed: int):
     return accelerator
 
 
+def sharded_parameters(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: outside a forward pass no process holds whole weights."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def check_engine(accelerator, *, micro_batches: int, generates: str | None = None, merges: str | None = None,
+                 modules: int = 1) -> None:
+    """Refuse, in one line, what the launched engine cannot do right (DDP can do everything here).
+
+    `micro_batches`: micro-batches per optimizer step (DeepSpeed steps the optimizer inside every backward pass);
+    `generates`: what samples with the policy being trained (the samplers read whole weights); `merges`: what merges
+    LoRA weights into a copy of the model (needs whole weights too); `modules`: trained modules prepared together
+    (DeepSpeed takes one model per Accelerator)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and modules > 1:
+        raise UserError(f"DeepSpeed trains one model per run, and this stage trains {modules} (PPO's policy and critic "
+                        "modules): launch with configs/accelerate/ddp.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and micro_batches > 1:
+        raise UserError(f"DeepSpeed steps the optimizer inside each backward pass, and this stage accumulates "
+                        f"{micro_batches} micro-batches per optimizer step: set train.grad_accum: 1 (grpo / ppo: "
+                        "rl.micro_batch_size >= the rows of a minibatch), or launch with configs/accelerate/ddp.yaml")
+    for what in (generates, merges):
+        if what and sharded_parameters(accelerator):
+            raise UserError(f"{what} needs the policy's whole weights on every process, and FSDP / DeepSpeed ZeRO-3 "
+                            "shard them: launch with configs/accelerate/ddp.yaml or zero2.yaml, or turn it off")
+
+
 def sync_unless_last(accelerator, model, index: int, count: int):
     """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step."""
     from contextlib import nullcontext
@@ -213,7 +246,11 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     warning (a collapsed model learns nothing); it never fails, since an RL loss can be legitimately 0.
     """
     if max_grad_norm is not None:
-        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if norm is None:  # DeepSpeed clipped (its config's gradient_clipping) and stepped inside backward already
+            norm = getattr(model, "get_global_grad_norm", lambda: None)()
+            return float(norm) if norm is not None else float("nan")
+        norm = float(norm)
     else:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
@@ -309,7 +346,9 @@ def final_eval_and_save(ctx, accelerator, policy, metrics: dict, evaluate, count
     format by the main process (the adapter, or with `merged` the merged model). Returns `metrics` updated."""
     metrics = {**reduce_metrics(accelerator, metrics), **evaluate()}
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=max_steps)
+    # sharded parameters (FSDP / ZeRO-3) are gathered into one state dict first: every process takes part
+    state_dict = accelerator.get_state_dict(policy.model) if sharded_parameters(accelerator) else None
     if accelerator.is_main_process:
-        policy.unwrapped(accelerator).save(ctx.dir, merged=merged)
+        policy.unwrapped(accelerator).save(ctx.dir, merged=merged, state_dict=state_dict)
     accelerator.wait_for_everyone()
     return metrics

@@ -39,7 +39,7 @@ from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state, sync_unless_last,
 )
 from rlhf.types import Rollout
@@ -118,6 +118,9 @@ class PairTokens:
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_engine(accelerator, micro_batches=cfg.train.grad_accum,
+                 generates="the gold evaluation (eval.gold_prompts)" if cfg.eval.gold_prompts else None,
+                 merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
     if cfg.loss.type == "ipo" and cfg.loss.label_smoothing:
         raise UserError("config key 'loss.label_smoothing' must be 0 with loss.type=ipo (IPO has no label smoothing)")
     if cfg.data.margins == "offset" and cfg.loss.type != "sigmoid":
@@ -363,7 +366,8 @@ def evaluate_pairs(policy: PolicyModel, eval_set: list[PairTokens], cfg: Config,
 def _precomputed_reference(policy: PolicyModel, splits: dict[str, list[PairTokens]], cfg: Config, ctx: StageContext,
                            accelerator) -> dict[str, torch.Tensor]:
     """Reference log-probs of every pair, {split: (N, 2) [chosen, rejected]}, row i = pair i of the split. Computed
-    once by every process (each needs all rows) and saved; a resumed stage loads them instead."""
+    once, each process scoring its share of the batches, gathered (every process needs all rows) and saved; a
+    resumed stage loads them instead."""
     path = ctx.dir / REF_LOGPS_FILE
     sizes = {name: len(rows) for name, rows in splits.items()}
     if ctx.resume and path.is_file():
@@ -375,15 +379,20 @@ def _precomputed_reference(policy: PolicyModel, splits: dict[str, list[PairToken
     pad = policy.tokenizer.pad_token_id
     was_training = policy.model.training
     policy.model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
     with policy.reference() as reference:
         for name, rows in splits.items():
             parts = []
-            for start in range(0, len(rows), cfg.eval.batch_size):
+            for start in range(0, len(rows), cfg.eval.batch_size)[rank::world]:
                 batch = rows[start:start + cfg.eval.batch_size]
                 with accelerator.autocast():
                     logps = sequence_logps(reference, pair_rollout(batch, pad).to(accelerator.device))[0].float()
-                parts.append(torch.stack(logps.cpu().chunk(2), dim=1))
-            out[name] = torch.cat(parts) if parts else torch.zeros(0, 2)
+                parts.append((start, torch.stack(logps.cpu().chunk(2), dim=1)))
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                parts = gather_object(parts)
+            out[name] = torch.cat([t for _, t in sorted(parts, key=lambda part: part[0])]) if parts else torch.zeros(0, 2)
     policy.model.train(was_training)
     if accelerator.is_main_process:
         torch.save(out, path)

@@ -16,6 +16,7 @@ from rlhf.data import load_prompts
 from rlhf.evaluation import format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
+from rlhf.training import process_state
 from reward_models.scoring import RewardComponent, Scorer
 
 
@@ -42,10 +43,13 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         raise UserError(f"config key 'baseline': '{cfg.baseline}' is not one of the models ({', '.join(cfg.models)})")
 
     # 2. each model with its own tokenizer (a base model sees action tokens as plain text: it never learned them)
+    # under `accelerate launch` each process scores its share of the prompt batches (`process_state()` as accelerator)
+    state = process_state()
     per_prompt, results = {}, {}
     for label, path in cfg.models.items():
         policy = PolicyModel.from_pretrained(path)
-        per_prompt[label] = score_prompts(policy, prompts, cfg.generation, score_fn, seed=cfg.seed, group_by=cfg.group_by)
+        per_prompt[label] = score_prompts(policy, prompts, cfg.generation, score_fn, seed=cfg.seed, group_by=cfg.group_by,
+                                          accelerator=state)
         results[label] = summarize(per_prompt[label])
 
     # 3. paired bootstrap over prompts: each model minus the baseline (greedy, and sampled when sampled) ---------------
@@ -69,6 +73,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             results[label].update({f"eval/vs_{base}/{kind}_{k}": v for k, v in ci.items()})
 
     # 4. report -------------------------------------------------------------------------------------------------
+    flat = {f"eval/{label}/{key.removeprefix('eval/')}": v for label, m in results.items() for key, v in m.items()}
+    if not state.is_main_process:  # every process holds the gathered results; one writes them
+        return flat
     (ctx.dir / "results.json").write_text(json.dumps(
         {"metrics": results, "baseline": base, "comparisons": comparisons,
          "per_prompt": {label: vars(s) for label, s in per_prompt.items()}}, indent=2))
@@ -78,7 +85,6 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         for kind, ci in cis.items():
             print(f"  {kind:<20} {format_ci(ci)}")
     plot_scores(results, ctx.dir / "gold_scores.png")
-    flat = {f"eval/{label}/{key.removeprefix('eval/')}": v for label, m in results.items() for key, v in m.items()}
     ctx.tracker.log({**flat, "progress/samples": 0}, step=0)
     return flat
 

@@ -36,12 +36,12 @@ from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
 from rlhf.ops import global_masked_moments, kl_k1, masked_mean
 from rlhf.policy import PolicyModel
-from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
+from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings, rl_micro_batches
 from rlhf.rollout import log_samples, make_experience
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state, sync_unless_last,
 )
 from rlhf.types import Experience, cat_rollouts
@@ -85,6 +85,8 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_engine(accelerator, micro_batches=rl_micro_batches(cfg.rl, cfg.sampling.n), generates="grpo's rollouts",
+                 merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
     adv_name = cfg.loss.advantage
     scale = cfg.loss.scale_rewards or ("none" if adv_name == "dr_grpo" else "group")
     agg = cfg.loss.aggregation or ("seq_mean_token_sum_norm" if adv_name == "dr_grpo" else "token_mean")

@@ -56,12 +56,12 @@ from rlhf.ops import (
     KL_ESTIMATORS, global_masked_moments, kl_k1, masked_mean, masked_var, masked_whiten, position_ids_from_mask,
 )
 from rlhf.policy import PolicyModel
-from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
+from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings, rl_micro_batches
 from rlhf.rollout import log_samples, make_experience
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices,
+    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices,
     optimizer_step, resume_state,
 )
 from rlhf.types import Experience, Rollout
@@ -161,6 +161,8 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_engine(accelerator, micro_batches=rl_micro_batches(cfg.rl, cfg.sampling.n), generates="ppo's rollouts",
+                 merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
     kind = cfg.critic.kind
     beta_on = cfg.kl.beta > 0
     kl_in_reward = cfg.kl.in_reward
@@ -200,6 +202,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 5. one AdamW over policy and critic (one loss, one clipped gradient norm), prepared by accelerate --------------
     modules = [m for m in (*policy.modules(), critic) if m is not None]
+    check_engine(accelerator, micro_batches=0, modules=len(modules))
     updates_per_step = cfg.rl.epochs * cfg.rl.minibatches
     optimizer = make_optimizer([p for m in modules for p in m.parameters()], cfg.optim)
     for group in optimizer.param_groups:

@@ -17,7 +17,7 @@ from rlhf.losses import lm_loss
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state, sync_unless_last,
 )
 from rlhf.tracking import progress
@@ -45,6 +45,7 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed (the seed also fixes a from-scratch model's initial weights) ----------------------
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_engine(accelerator, micro_batches=cfg.train.grad_accum)
 
     # 2. model --------------------------------------------------------------------------------------------------
     policy = PolicyModel.load(cfg.model, seed=cfg.seed)

@@ -6,11 +6,13 @@ config module does not import `reward_models`.
 
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 from pydantic import Field
 
-from rlhf.config import GenerationSettings, Section
+from rlhf.config import GenerationSettings, RLSettings, Section
 from reward_models.scoring import RewardComponent
 
 
@@ -44,3 +46,10 @@ class RLEvalSettings(Section):
         None, description="score evaluation completions with these components, logged as eval/gold_score (null = the training rewards)")
     generation: GenerationSettings = Field(
         default_factory=GenerationSettings, description="greedy budget; samples > 0 adds sampled accuracy at the given temperature")
+
+
+def rl_micro_batches(rl: RLSettings, n: int) -> int:
+    """Micro-batches per optimizer step of a grpo / ppo update: a minibatch's rows (prompts × n / minibatches) in
+    forward/backward passes of `rl.micro_batch_size` rows."""
+    rows = math.ceil(rl.prompts_per_step * n / rl.minibatches)
+    return math.ceil(rows / rl.micro_batch_size)

@@ -18,7 +18,7 @@ from rlhf.losses import sft_loss, sft_loss_weights
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state, sync_unless_last,
 )
 from rlhf.tracking import progress
@@ -53,6 +53,9 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_engine(accelerator, micro_batches=cfg.train.grad_accum,
+                 generates="the gold evaluation (data.gold_prompts)" if cfg.data.gold_prompts else None,
+                 merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
 
     # 2. policy; action tokens become special tokens with fresh embedding rows ---------------------------------
     policy = PolicyModel.load(cfg.model, add_tokens=cfg.action_tokens, seed=cfg.seed)

@@ -104,7 +104,8 @@ def stage_overrides(d: Path) -> dict[str, dict]:
                    "stats.num_samples": 8, "optim.lr": 3e-3},
         "dpo": {"model.path": str(d / "policy"), "data.train": str(d / "pairs.jsonl"), "data.ties": "drop",
                 "data.eval_fraction": 0.25, "train.batch_size": 2, "train.max_steps": 3, "train.log_every": 1,
-                "optim.lr": 1e-2, "eval.gold_prompts": str(d / "eval.jsonl"), "eval.generation": gen},
+                "optim.lr": 1e-2, "eval.gold_prompts": str(d / "eval.jsonl"), "eval.generation": gen,
+                "precompute_ref": True, "eval.batch_size": 4},  # reference log-probs: batches split over processes
         "grpo": {**rl_common, "data.prompts": str(d / "add_prompts.jsonl"), "kl.beta": 0.05, "kl.target": 1.0,
                  "train.save_every": 1,
                  "rewards": [{"name": "correct", "rule": "verifiable"},
@@ -120,6 +121,10 @@ def stage_overrides(d: Path) -> dict[str, dict]:
 def write_pipeline(d: Path, out: Path, split: dict[str, dict], path: Path) -> Path:
     stages = [{"name": kind, "kind": kind, "overrides": {**settings, **split[kind]}}
               for kind, settings in stage_overrides(d).items()]
+    # `rlhf eval` of two policies: prompts sharded over the processes, the paired CIs from the gathered scores
+    stages.append({"name": "eval", "kind": "eval", "inputs": {"models.grpo": "grpo"},
+                   "overrides": {"models.base": str(d / "policy"), "prompts": str(d / "eval.jsonl"),
+                                 "generation": {"max_new_tokens": 6, "batch_size": 2, "samples": 2}}})
     path.write_text(yaml.safe_dump({"name": "mp", "output_dir": str(out), "seed": 0, "tracking": {"mode": "disabled"},
                                     "stages": stages}))
     return path
@@ -188,6 +193,12 @@ def test_gold_evaluation_is_sharded_not_repeated(runs):
     assert len(one) == len(two) == 2 and all(a["eval/sampled/k"] == b["eval/sampled/k"] == 2 for a, b in zip(one, two))
 
 
+def test_eval_stage_scores_every_prompt_once_over_two_processes(runs):
+    one, two = (json.loads((runs[p] / "eval" / "results.json").read_text()) for p in (1, 2))
+    assert one["per_prompt"] == two["per_prompt"] and len(one["per_prompt"]["grpo"]["greedy"]) == 6
+    assert one["comparisons"] == two["comparisons"]
+
+
 def kill_at_first_checkpoint(cmd: list[str], out: Path) -> None:
     """Start `cmd` and SIGKILL it with every process it started (the launcher's workers run in sessions of their
     own) as soon as a checkpoint is complete."""
@@ -222,3 +233,48 @@ def test_checkpoint_resumes_on_another_process_count(inputs, runs, tmp_path, sta
     assert sorted(resumed) == sorted(straight)
     assert all(close(straight[s]["loss/total"], resumed[s]["loss/total"]) for s in straight), (straight, resumed)
     assert read_manifest(tmp_path / stage)["status"] == "complete"
+
+
+# -- engines that cannot be run here (no GPU, no DeepSpeed): the shipped configs and the refusals ------------------
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_shipped_accelerate_configs_load_and_say_what_they_are_for(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs/accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
+    assert config.distributed_type.value == expected
+    if name.startswith("zero"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    header = path.read_text().split("compute_environment")[0]
+    assert header.count("\n#") >= 3 and "accelerate launch --config_file" in header
+
+
+def test_engines_refuse_what_they_cannot_do_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rlhf.errors import UserError
+    from rlhf.training import check_engine, sharded_parameters
+
+    def engine(kind, stage=None):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    ddp, fsdp = engine(DistributedType.MULTI_GPU), engine(DistributedType.FSDP)
+    zero2, zero3 = engine(DistributedType.DEEPSPEED, 2), engine(DistributedType.DEEPSPEED, 3)
+    assert [sharded_parameters(e) for e in (ddp, fsdp, zero2, zero3)] == [False, True, False, True]
+    check_engine(ddp, micro_batches=4, generates="grpo's rollouts", merges="save_merged")
+    check_engine(zero2, micro_batches=1, generates="grpo's rollouts")
+    check_engine(fsdp, micro_batches=4)
+    with pytest.raises(UserError, match="accumulates 2 micro-batches per optimizer step: set train.grad_accum: 1"):
+        check_engine(zero2, micro_batches=2)
+    for sharded in (fsdp, zero3):
+        with pytest.raises(UserError, match="grpo's rollouts needs the policy's whole weights on every process"):
+            check_engine(sharded, micro_batches=1, generates="grpo's rollouts")
+    from rlhf.recipes.rl_settings import rl_micro_batches
+    from rlhf.config import RLSettings
+
+    assert rl_micro_batches(RLSettings(prompts_per_step=4, minibatches=2, micro_batch_size=3), n=4) == 3  # 8 rows / 3

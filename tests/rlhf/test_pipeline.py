@@ -156,21 +156,3 @@ def test_incomplete_artifact_of_another_config_is_not_overwritten(tmp_path):
     assert claim(out, stage="sft", kind="sft", fingerprint="bbb", overwrite=True) == "fresh"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fingerprint"] == "bbb" and manifest["status"] == "running"
-
-
-@pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(world, tmp_path):
-    """`accelerate launch` runs a stage with DDP on two CPU processes; only the main process writes."""
-    path, runs = world
-    first = run_pipeline(path, [], only="pretrain")
-    assert first["pretrain"]["status"] == "ran"
-    out = tmp_path / "ddp-sft"
-    cmd = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "rlhf.cli", "sft", f"model.path={runs / 'pretrain'}", f"output_dir={out}",
-           "action_tokens=[<add>, <review>]", "train.max_steps=2", "train.log_every=1", "train.batch_size=2", "data.gold_limit=4",
-           "generation.max_new_tokens=4", "tracking.mode=disabled"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert read_manifest(out)["status"] == "complete" and (out / "model.safetensors").is_file()
-    assert len([r for r in read_metrics(out) if "train/lr" in r]) == 2, "one process logs"
