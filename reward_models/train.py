@@ -23,13 +23,13 @@ from pydantic import Field
 
 from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import Record, load_prompts
+from rlhf.distributed import check_engine, make_accelerator, reduce_metrics, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.losses import lm_loss
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    check_engine, end_of_step, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes,
-    reduce_metrics, resume_state, sync_unless_last,
+    end_of_step, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes, resume_state,
 )
 from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
 from reward_models.evaluation import evaluate_pairs, plot_score_histogram

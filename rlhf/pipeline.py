@@ -23,9 +23,10 @@ from rlhf.config import (
     Section, StageConfig, TrackingSettings, load_config, nearest_key, parse_overrides, read_yaml, save_config,
     set_dotted, validate,
 )
+from rlhf.distributed import process_state
 from rlhf.errors import UserError
 from rlhf.tracking import Tracker
-from rlhf.training import NonFiniteError, latest_checkpoint, process_state, remove_checkpoints
+from rlhf.training import NonFiniteError, latest_checkpoint, remove_checkpoints
 
 # stage kind -> the module of its recipe (exposes `Config` and `run(cfg, ctx)`), imported only when the stage runs
 # (torchtune's recipe registry by path): `rlhf sft` never imports the web app. Adding a stage is one line here.

@@ -243,7 +243,7 @@ class PolicyModel:
                 nn.init.zeros_(value_head.weight)  # V = b at start: no random noise in early advantages
                 nn.init.zeros_(value_head.bias)
         if device is None:
-            from rlhf.training import process_state
+            from rlhf.distributed import process_state
 
             device = process_state().device
         return cls(model, tokenizer, ref_model=ref_model, value_head=value_head).to(device)

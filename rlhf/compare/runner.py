@@ -132,7 +132,7 @@ def plan(cfg: CompareConfig, processes: int | None = None) -> list[PlannedRun]:
     """Every run of the comparison with its resolved stage config, seed-major (all algorithms of the first seed
     first, so a comparison stopped early already compares). Raises `UserError` for any config problem."""
     if processes is None:
-        from rlhf.training import process_state
+        from rlhf.distributed import process_state
 
         processes = process_state().num_processes
     schemas = {name: algorithm_recipe(name, spec.kind).Config for name, spec in cfg.algorithms.items()}
@@ -370,13 +370,13 @@ def run_one_main(argv: list[str]) -> int:
 
 
 def _is_main_process() -> bool:
-    from rlhf.training import process_state
+    from rlhf.distributed import process_state
 
     return process_state().is_main_process
 
 
 def _num_processes() -> int:
-    from rlhf.training import process_state
+    from rlhf.distributed import process_state
 
     return process_state().num_processes
 

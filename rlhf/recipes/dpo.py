@@ -32,6 +32,7 @@ from pydantic import Field
 
 from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import encode_prompt, load_prompts, prompt_text
+from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import aggregate, dpo_loss
@@ -39,8 +40,7 @@ from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
-    resume_state, sync_unless_last,
+    end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.types import Rollout
 from reward_models.data import PreferencePair, group_by_prompt, load_preferences

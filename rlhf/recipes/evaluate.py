@@ -11,12 +11,12 @@ import json
 from pydantic import Field
 
 from rlhf.config import GenerationSettings, StageConfig
+from rlhf.distributed import process_state
 from rlhf.errors import UserError
 from rlhf.data import load_prompts
 from rlhf.evaluation import format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
-from rlhf.training import process_state
 from reward_models.scoring import RewardComponent, Scorer
 
 

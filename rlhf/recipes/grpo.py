@@ -31,6 +31,7 @@ from rlhf.advantages import (
 )
 from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
 from rlhf.data import load_rl_prompts
+from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
@@ -41,8 +42,7 @@ from rlhf.rollout import log_samples, make_experience
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
-    resume_state, sync_unless_last,
+    end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.types import Experience, cat_rollouts
 from reward_models.scoring import RewardComponent, Scorer

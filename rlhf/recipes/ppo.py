@@ -48,6 +48,7 @@ from rlhf.advantages import AdaptiveKLController, FixedKLController, fixed_score
 from rlhf.config import (
     LoopSettings, LoraSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig,
 )
+from rlhf.distributed import check_engine, make_accelerator
 from rlhf.errors import UserError
 from rlhf.data import load_rl_prompts
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
@@ -61,8 +62,7 @@ from rlhf.rollout import log_samples, make_experience
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices,
-    optimizer_step, resume_state,
+    end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.types import Experience, Rollout
 from reward_models.model import RewardModel

@@ -13,12 +13,12 @@ from pydantic import Field
 
 from rlhf.config import ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import load_records, pack_corpus
+from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
 from rlhf.losses import lm_loss
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.training import (
-    check_engine, end_of_step, final_eval_and_save, make_accelerator, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
-    resume_state, sync_unless_last,
+    end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.tracking import progress
 

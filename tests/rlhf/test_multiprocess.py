@@ -258,7 +258,7 @@ def test_engines_refuse_what_they_cannot_do_in_one_line():
     from accelerate.utils import DistributedType
 
     from rlhf.errors import UserError
-    from rlhf.training import check_engine, sharded_parameters
+    from rlhf.distributed import check_engine, sharded_parameters
 
     def engine(kind, stage=None):
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))

@@ -1,0 +1,93 @@
+"""Several processes: the process group, the per-stage Accelerator, metrics reduced over processes, and what each
+distributed engine (DDP, FSDP, DeepSpeed) can do. One process is the special case where all of this is a no-op."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf.errors import UserError
+
+
+def process_state():
+    """accelerate's `PartialState` of this process. Started by `torchrun` / `accelerate launch` (LOCAL_RANK set) on a
+    machine without a GPU, the processes form a gloo group on CPU: accelerate's default would leave each one a
+    separate single-process run (its own multi-CPU mode needs MPI)."""
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1 or int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return PartialState(cpu=launched and not torch.cuda.is_available())
+
+
+def make_accelerator(train, seed: int):
+    """An Accelerator for this stage (fresh state, so stages with different precision can share a process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import set_seed
+
+    state = process_state()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # step_scheduler_with_optimizer=False: accelerate otherwise steps a prepared scheduler once per process at every
+    # optimizer step (it assumes max_steps shrinks with more processes); ours count global optimizer steps
+    accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no",
+                              step_scheduler_with_optimizer=False, cpu=state.device.type == "cpu")
+    set_seed(seed)
+    return accelerator
+
+
+def reduce_metrics(accelerator, metrics: dict) -> dict[str, float]:
+    """One row of metrics for all processes: each key's mean over the processes that logged it (the max for
+    perf/peak_rss_gb). Every process holds an equal share of the global batch, so the mean of per-process means is
+    the global mean, and a loss computed as its share of a global normalizer (ours are) averages to the global loss.
+    Every process must call this."""
+    values = {k: float(v) for k, v in metrics.items()}
+    if accelerator.num_processes == 1:
+        return values
+    from accelerate.utils import gather_object
+
+    rows = gather_object([values])
+    keys = dict.fromkeys(k for row in rows for k in row)
+    combine = {"perf/peak_rss_gb": max}
+    return {k: combine.get(k, lambda v: sum(v) / len(v))([row[k] for row in rows if k in row]) for k in keys}
+
+
+def sync_unless_last(accelerator, model, index: int, count: int):
+    """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    from contextlib import nullcontext
+
+    return nullcontext() if index == count - 1 else accelerator.no_sync(model)
+
+
+def sharded_parameters(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: outside a forward pass no process holds whole weights."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def check_engine(accelerator, *, micro_batches: int, generates: str | None = None, merges: str | None = None,
+                 modules: int = 1) -> None:
+    """Refuse, in one line, what the launched engine cannot do right (DDP can do everything here).
+
+    `micro_batches`: micro-batches per optimizer step (DeepSpeed steps the optimizer inside every backward pass);
+    `generates`: what samples with the policy being trained (the samplers read whole weights); `merges`: what merges
+    LoRA weights into a copy of the model (needs whole weights too); `modules`: trained modules prepared together
+    (DeepSpeed takes one model per Accelerator)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and modules > 1:
+        raise UserError(f"DeepSpeed trains one model per run, and this stage trains {modules} (PPO's policy and critic "
+                        "modules): launch with configs/accelerate/ddp.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and micro_batches > 1:
+        raise UserError(f"DeepSpeed steps the optimizer inside each backward pass, and this stage accumulates "
+                        f"{micro_batches} micro-batches per optimizer step: set train.grad_accum: 1 (grpo / ppo: "
+                        "rl.micro_batch_size >= the rows of a minibatch), or launch with configs/accelerate/ddp.yaml")
+    for what in (generates, merges):
+        if what and sharded_parameters(accelerator):
+            raise UserError(f"{what} needs the policy's whole weights on every process, and FSDP / DeepSpeed ZeRO-3 "
+                            "shard them: launch with configs/accelerate/ddp.yaml or zero2.yaml, or turn it off")
