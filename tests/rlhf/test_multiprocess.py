@@ -1,7 +1,7 @@
 """Scale-out on CPU: every trainable stage under `accelerate launch` with two processes (gloo) gives what one process
 gives for the same global batch and seed, and a checkpoint moves between process counts.
 
-One pipeline holds a tiny sft, reward, dpo, grpo and ppo stage (each on fixed inputs, so each is compared on its
+One pipeline holds a tiny pretrain, sft, reward, dpo, grpo and ppo stage (each on fixed inputs, so each is compared on its
 own). It runs once on one process (micro-batches accumulated: `grad_accum` 2, or all prompts in one rollout) and once
 on two (`grad_accum` 1, half the prompts per process): the same global batch, split differently. Compared step by
 step: the logged losses, rewards and gradient norms, the final gold evaluation (sharded over the processes) and the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ RTOL, ATOL, WEIGHT_ATOL = 2e-4, 1e-5, 1e-4
 
 # the metrics compared per stage, at every logged step
 COMPARED = {
+    "pretrain": ["loss/total", "train/grad_norm", "train/lr"],
     "sft": ["loss/total", "train/grad_norm", "train/lr"],
     "reward": ["loss/total", "train/accuracy", "train/grad_norm"],
     "dpo": ["loss/total", "loss/dpo", "train/accuracy", "train/margin", "train/grad_norm"],
@@ -45,10 +47,12 @@ COMPARED = {
             "train/advantage_std", "value/explained_var", "train/grad_norm"],
 }
 # how one process holds the same global batch as two: accumulated micro-batches, or twice the prompts
-ONE_PROCESS = {"sft": {"train.grad_accum": 2}, "reward": {"train.grad_accum": 2}, "dpo": {"train.grad_accum": 2},
+ONE_PROCESS = {"pretrain": {"train.grad_accum": 2}, "sft": {"train.grad_accum": 2},
+               "reward": {"train.grad_accum": 2}, "dpo": {"train.grad_accum": 2},
                "grpo": {"rl.prompts_per_step": 4, "rl.micro_batch_size": 8},
                "ppo": {"rl.prompts_per_step": 4, "rl.micro_batch_size": 8}}
-TWO_PROCESSES = {"sft": {"train.grad_accum": 1}, "reward": {"train.grad_accum": 1}, "dpo": {"train.grad_accum": 1},
+TWO_PROCESSES = {"pretrain": {"train.grad_accum": 1}, "sft": {"train.grad_accum": 1},
+                 "reward": {"train.grad_accum": 1}, "dpo": {"train.grad_accum": 1},
                  "grpo": {"rl.prompts_per_step": 2, "rl.micro_batch_size": 4},
                  "ppo": {"rl.prompts_per_step": 2, "rl.micro_batch_size": 4}}
 
@@ -77,6 +81,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     def write(name, items):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in items))
 
+    write("pretrain.jsonl", rows("pretrain.jsonl")[:200])
     write("sft.jsonl", rows("sft.jsonl")[:48])
     write("pairs.jsonl", rows("preferences_example.jsonl")[:64])
     write("review_prompts.jsonl", [r for r in rows("rl_prompts.jsonl") if r["task"] == "review"][:16])
@@ -95,6 +100,9 @@ def stage_overrides(d: Path) -> dict[str, dict]:
         "eval.prompts": str(d / "eval.jsonl"), "eval.generation": gen, "samples_every": 0,
     }
     return {
+        "pretrain": {"model.scratch_size": "nano", "model.tokenizer": str(ROOT / "data/demo/tokenizer"),
+                     "data.train": str(d / "pretrain.jsonl"), "data.block_size": 32, "data.eval_fraction": 0.05,
+                     "train.batch_size": 2, "train.max_steps": 3, "train.log_every": 1},
         "sft": {"model.path": str(d / "policy"), "action_tokens": [], "data.train": str(d / "sft.jsonl"),
                 "data.eval_fraction": 0.1, "data.gold_prompts": str(d / "eval.jsonl"), "generation": gen,
                 "train.batch_size": 2, "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 3,
@@ -133,8 +141,11 @@ def write_pipeline(d: Path, out: Path, split: dict[str, dict], path: Path) -> Pa
 def command(processes: int, *args: str) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "rlhf.cli", *args]
+    with socket.socket() as sock:  # a free rendezvous port: other jobs on the machine may hold accelerate's 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-            "--num_processes", str(processes), "-m", "rlhf.cli", *args]
+            "--num_processes", str(processes), "--main_process_port", str(port), "-m", "rlhf.cli", *args]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RLHF_COMPILE": "0"}
