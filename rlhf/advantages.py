@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.ops import AllReduce, global_masked_moments, masked_whiten
+from rlhf.ops import AllReduce, masked_moments, masked_whiten
 
 SCALES = ("group", "batch", "none")
 
@@ -55,7 +55,7 @@ def group_normalized(
     if scale == "group":
         std = torch.sqrt(_group_sum(centered**2, group, n_groups) / (counts - 1).clamp(min=1))
     elif all_reduce is not None:
-        std = global_masked_moments(scores, torch.ones_like(scores, dtype=torch.bool), all_reduce)[1].sqrt()
+        std = masked_moments(scores, torch.ones_like(scores, dtype=torch.bool), all_reduce)[1].sqrt()
     else:
         std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
     return centered / (std + eps)

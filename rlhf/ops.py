@@ -37,8 +37,10 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and Bessel-corrected variance over the counting tokens of every process's `values`."""
+def masked_moments(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and Bessel-corrected variance over the tokens that count; with `all_reduce`, over every process's."""
+    if all_reduce is None:
+        return masked_mean(values, mask), masked_var(values, mask)
     weights = mask.to(values.dtype)
     count, total = all_reduce(torch.stack([weights.sum(), (values * weights).sum()]))
     mean = total / count.clamp(min=1)
@@ -51,10 +53,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
                   all_reduce: AllReduce | None = None) -> torch.Tensor:
     """(x - mean) / std over counting tokens; `shift_mean=False` keeps the mean (scale only). With `all_reduce`, the
     mean and std are those of the whole batch over every process."""
-    if all_reduce is None:
-        mean, var = masked_mean(values, mask), masked_var(values, mask)
-    else:
-        mean, var = global_masked_moments(values, mask, all_reduce)
+    mean, var = masked_moments(values, mask, all_reduce)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 

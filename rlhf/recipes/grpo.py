@@ -35,7 +35,7 @@ from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
-from rlhf.ops import global_masked_moments, kl_k1, masked_mean
+from rlhf.ops import kl_k1, masked_mean, masked_moments
 from rlhf.policy import PolicyModel
 from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings, rl_micro_batches
 from rlhf.rollout import log_samples, make_experience
@@ -197,7 +197,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         counters["tokens"] += tokens
         step_metrics = {
             "train/reward": float(exp.scores.mean()),
-            "train/reward_std": _std(exp.scores, all_reduce),
+            "train/reward_std": float(masked_moments(exp.scores, torch.ones_like(mask[:, 0]), all_reduce)[1].sqrt()),
             "train/frac_zero_std_groups": zero_std_frac,
             "train/response_length": float(exp.rollout.lengths.float().mean()),
             "train/truncated_frac": 1.0 - float(exp.rollout.ended.float().mean()),
@@ -280,13 +280,6 @@ def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, ne
     merged = _cat_experiences(kept, policy.tokenizer.pad_token_id)
     merged = merged.select(list(range(min(len(merged), cfg.rl.prompts_per_step * cfg.sampling.n))))
     return merged, rounds, zero_frac
-
-
-def _std(values: torch.Tensor, all_reduce) -> float:
-    """Bessel-corrected std of `values` (B,), over every process with `all_reduce`."""
-    if all_reduce is not None:
-        return float(global_masked_moments(values, torch.ones_like(values, dtype=torch.bool), all_reduce)[1].sqrt())
-    return float(values.std()) if len(values) > 1 else 0.0
 
 
 def _cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:

@@ -54,7 +54,7 @@ from rlhf.data import load_rl_prompts
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty, value_loss
 from rlhf.ops import (
-    KL_ESTIMATORS, global_masked_moments, kl_k1, masked_mean, masked_var, masked_whiten, position_ids_from_mask,
+    KL_ESTIMATORS, kl_k1, masked_mean, masked_moments, masked_whiten, position_ids_from_mask,
 )
 from rlhf.policy import PolicyModel
 from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings, rl_micro_batches
@@ -169,12 +169,6 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     temperature = cfg.sampling.temperature  # sampling and every training log-prob use the same one (N details)
     # whitening and the logged batch statistics over every process's share of the batch
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
-
-    def moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if all_reduce is not None:
-            return global_masked_moments(values, mask, all_reduce)
-        return masked_mean(values, mask), masked_var(values, mask)
-
     if kind == "adapter" and cfg.model.lora is None:
         raise UserError("config key 'critic.kind' is 'adapter': set model.lora too (the critic adapter shares the "
                         "policy's frozen base), or use critic.kind: model")
@@ -307,7 +301,10 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if cfg.loss.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_reduce=all_reduce) * mask
         exp.advantages = advantages
-        explained_var = 1.0 - float(moments(exp.returns - exp.values, mask)[1] / moments(exp.returns, mask)[1].clamp(min=1e-8))
+        advantage_mean, advantage_var = masked_moments(advantages, mask, all_reduce)
+        residual_var = masked_moments(exp.returns - exp.values, mask, all_reduce)[1]
+        returns_var = masked_moments(exp.returns, mask, all_reduce)[1]
+        explained_var = 1.0 - float(residual_var / returns_var.clamp(min=1e-8))
 
         # 7.4 K epochs × minibatches of the clipped surrogate + clipped value loss (− entropy bonus), micro-batched ------
         sums: dict[str, float] = {}
@@ -351,15 +348,15 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         counters["tokens"] += tokens
         step_metrics = {
             "train/reward": float(scores.mean()),
-            "train/reward_std": float(moments(scores, torch.ones_like(scores, dtype=torch.bool))[1].sqrt()),
+            "train/reward_std": float(masked_moments(scores, torch.ones_like(mask[:, 0]), all_reduce)[1].sqrt()),
             "train/reward_with_kl": float(reward_with_kl.mean()),
             "train/kl_coef": beta,
             "train/response_length": float(exp.rollout.lengths.float().mean()),
             "train/truncated_frac": 1.0 - float(exp.rollout.ended.float().mean()),
             "train/lr": scheduler.get_last_lr()[0],
             "train/policy_updating": float(policy_on),
-            "train/advantage_mean": float(moments(exp.advantages, mask)[0]),
-            "train/advantage_std": float(moments(exp.advantages, mask)[1].sqrt()),
+            "train/advantage_mean": float(advantage_mean),
+            "train/advantage_std": float(advantage_var.sqrt()),
             "value/explained_var": explained_var,
             "value/mean": float(masked_mean(exp.values, mask)),
             "value/returns_mean": float(masked_mean(exp.returns, mask)),

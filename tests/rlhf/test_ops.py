@@ -55,3 +55,17 @@ def test_response_mask_keeps_first_eos_and_drops_the_rest():
 def test_position_ids_start_at_first_real_token():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_masked_moments_over_processes_by_hand():
+    """Two processes holding the same shard [1, 2, 3] (all_reduce doubles every sum): the global batch is
+    [1, 2, 3, 1, 2, 3], mean 2, Bessel-corrected variance (1 + 0 + 1) · 2 / 5 = 0.8; one process alone: 2 / 2 = 1."""
+    from rlhf.ops import masked_moments, masked_whiten
+
+    values, mask = torch.tensor([1.0, 2.0, 3.0, 9.0]), torch.tensor([True, True, True, False])
+    mean, var = masked_moments(values, mask, all_reduce=lambda t: 2 * t)
+    assert math.isclose(float(mean), 2.0) and math.isclose(float(var), 0.8, rel_tol=1e-6)
+    mean, var = masked_moments(values, mask)
+    assert math.isclose(float(mean), 2.0) and math.isclose(float(var), 1.0, rel_tol=1e-6)
+    whitened = masked_whiten(values, mask, all_reduce=lambda t: 2 * t)
+    assert torch.allclose(whitened[:3], torch.tensor([-1.0, 0.0, 1.0]) / math.sqrt(0.8), atol=1e-6)
