@@ -90,12 +90,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return generate(args.args) or 0
     from rlhf.config import load_config, parse_overrides
+    from rlhf.distributed import process_state
     from rlhf.pipeline import recipe, run_stage
 
     config, overrides = _split_config_arg(args.config, args.overrides)
     cfg = load_config(recipe(args.command).Config, config, parse_overrides(overrides))
     result = run_stage(args.command, cfg, overwrite=args.overwrite, debug=args.debug)
-    print({k: round(v, 4) for k, v in result["metrics"].items()})
+    if process_state().is_main_process:  # under `accelerate launch`, once
+        print({k: round(v, 4) for k, v in result["metrics"].items()})
     return 0
 
 

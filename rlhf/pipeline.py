@@ -288,7 +288,8 @@ def run_pipeline(path: str | Path, overrides: list[str], *, from_stage: str | No
         fingerprints[spec.name] = result["fingerprint"]
         results[spec.name] = result
         rerun_rest = rerun_rest or result["status"] == "ran"
-    print(format_summary(pipeline, results))
+    if _is_main_process():
+        print(format_summary(pipeline, results))
     return results
 
 
