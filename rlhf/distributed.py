@@ -4,6 +4,7 @@ distributed engine (DDP, FSDP, DeepSpeed) can do. One process is the special cas
 from __future__ import annotations
 
 import os
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -53,6 +54,26 @@ def reduce_metrics(accelerator, metrics: dict) -> dict[str, float]:
     return {k: combine.get(k, lambda v: sum(v) / len(v))([row[k] for row in rows if k in row]) for k in keys}
 
 
+T = TypeVar("T")
+
+
+def map_over_processes(fn: Callable[..., T], items: Sequence, accelerator=None, desc: str | None = None) -> list[T]:
+    """`[fn(item) for item in items]` with the items dealt round-robin to the processes, each computing its share;
+    every process gets all results, in the items' order (so every process must call this). `desc`: a progress bar."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = list(enumerate(items))[rank::world]
+    if desc is not None:
+        from rlhf.tracking import progress
+
+        mine = progress(mine, total=len(mine), desc=desc)
+    done = [(i, fn(item)) for i, item in mine]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        done = gather_object(done)
+    return [result for _, result in sorted(done, key=lambda pair: pair[0])]
+
+
 def sync_unless_last(accelerator, model, index: int, count: int):
     """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step."""
     from contextlib import nullcontext
@@ -70,7 +91,7 @@ def sharded_parameters(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
 
 
-def check_engine(accelerator, *, micro_batches: int, generates: str | None = None, merges: str | None = None,
+def check_engine(accelerator, *, micro_batches: int = 1, generates: str | None = None, merges: str | None = None,
                  modules: int = 1) -> None:
     """Refuse, in one line, what the launched engine cannot do right (DDP can do everything here).
 

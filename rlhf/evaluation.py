@@ -17,7 +17,7 @@ import torch
 
 from rlhf.config import GenerationSettings
 from rlhf.data import Record
-from rlhf.tracking import progress
+from rlhf.distributed import map_over_processes
 
 # (prompts, completions, records (one per completion), ended) -> one score per completion, or (scores, extras): extras
 # maps a name to one more score per completion (e.g. "rm_score": the training reward next to the gold score)
@@ -81,14 +81,8 @@ def score_prompts(policy, records: list[Record], generation: GenerationSettings 
         score_fn = world_gold_scores
     tasks = [str(r.get("task") or "all") for r in records]
     groups = ["/".join([t] + [str(v) for key in group_by if (v := _dotted(r, key)) is not None]) for t, r in zip(tasks, records)]
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    starts = range(0, len(records), generation.batch_size)[rank::world]  # round-robin over processes
-    parts = [_score_batch(policy, records, start, generation, score_fn, seed)
-             for start in progress(starts, total=len(starts), desc="eval")]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        parts = sorted(gather_object(parts), key=lambda part: part["start"])
+    parts = map_over_processes(lambda start: _score_batch(policy, records, start, generation, score_fn, seed),
+                               range(0, len(records), generation.batch_size), accelerator, desc="eval")
     out = PromptScores(tasks=tasks, greedy=[], groups=groups if group_by else [])
     for part in parts:
         out.greedy += part["greedy"]
@@ -107,7 +101,7 @@ def _score_batch(policy, records: list[Record], start: int, generation: Generati
     prompts = [r["prompt"] for r in chunk]
     rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend)
     greedy, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
-    part = {"start": start, "greedy": greedy, "extras": extras, "lengths": rollout.lengths.tolist(),
+    part = {"greedy": greedy, "extras": extras, "lengths": rollout.lengths.tolist(),
             "ended": rollout.ended.tolist(), "sampled": []}
     if generation.samples:
         k = generation.samples

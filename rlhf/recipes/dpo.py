@@ -32,7 +32,7 @@ from pydantic import Field
 
 from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import encode_prompt, load_prompts, prompt_text
-from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
+from rlhf.distributed import check_engine, make_accelerator, map_over_processes, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import aggregate, dpo_loss
@@ -379,20 +379,16 @@ def _precomputed_reference(policy: PolicyModel, splits: dict[str, list[PairToken
     pad = policy.tokenizer.pad_token_id
     was_training = policy.model.training
     policy.model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
     with policy.reference() as reference:
         for name, rows in splits.items():
-            parts = []
-            for start in range(0, len(rows), cfg.eval.batch_size)[rank::world]:
-                batch = rows[start:start + cfg.eval.batch_size]
+            def batch_logps(start: int, rows=rows) -> torch.Tensor:  # (batch, 2) [chosen, rejected]
+                rollout = pair_rollout(rows[start:start + cfg.eval.batch_size], pad).to(accelerator.device)
                 with accelerator.autocast():
-                    logps = sequence_logps(reference, pair_rollout(batch, pad).to(accelerator.device))[0].float()
-                parts.append((start, torch.stack(logps.cpu().chunk(2), dim=1)))
-            if world > 1:
-                from accelerate.utils import gather_object
+                    logps = sequence_logps(reference, rollout)[0].float()
+                return torch.stack(logps.cpu().chunk(2), dim=1)
 
-                parts = gather_object(parts)
-            out[name] = torch.cat([t for _, t in sorted(parts, key=lambda part: part[0])]) if parts else torch.zeros(0, 2)
+            parts = map_over_processes(batch_logps, range(0, len(rows), cfg.eval.batch_size), accelerator)
+            out[name] = torch.cat(parts) if parts else torch.zeros(0, 2)
     policy.model.train(was_training)
     if accelerator.is_main_process:
         torch.save(out, path)

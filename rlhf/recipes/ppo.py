@@ -196,7 +196,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 5. one AdamW over policy and critic (one loss, one clipped gradient norm), prepared by accelerate --------------
     modules = [m for m in (*policy.modules(), critic) if m is not None]
-    check_engine(accelerator, micro_batches=0, modules=len(modules))
+    check_engine(accelerator, modules=len(modules))  # DeepSpeed takes one model
     updates_per_step = cfg.rl.epochs * cfg.rl.minibatches
     optimizer = make_optimizer([p for m in modules for p in m.parameters()], cfg.optim)
     for group in optimizer.param_groups:
