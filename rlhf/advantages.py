@@ -205,3 +205,13 @@ class AdaptiveKLController:
         self.value = float(state["value"])
         self.target = float(state.get("target", self.target))
         self.horizon = float(state.get("horizon", self.horizon))
+
+
+def make_kl_controller(beta: float, target: float | None = None, horizon: float = 10000,
+                       state: dict[str, float] | None = None) -> FixedKLController | AdaptiveKLController:
+    """β fixed, or adaptive toward `target` (KL per sequence) when one is given; `state`: a checkpoint's
+    `state_dict()` to resume from."""
+    controller = FixedKLController(beta) if target is None else AdaptiveKLController(beta, target, horizon)
+    if state is not None:
+        controller.load_state_dict(state)
+    return controller

@@ -74,11 +74,32 @@ def map_over_processes(fn: Callable[..., T], items: Sequence, accelerator=None, 
     return [result for _, result in sorted(done, key=lambda pair: pair[0])]
 
 
-def sync_unless_last(accelerator, model, index: int, count: int):
-    """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step."""
-    from contextlib import nullcontext
+def sync_unless_last(accelerator, models, index: int, count: int):
+    """Skip the DDP gradient all-reduce on all but the last micro-batch of an optimizer step. `models`: one trained
+    module or several (a policy and its critic)."""
+    from contextlib import ExitStack
 
-    return nullcontext() if index == count - 1 else accelerator.no_sync(model)
+    stack = ExitStack()
+    if index != count - 1:
+        for model in models if isinstance(models, (list, tuple)) else [models]:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def global_normalizer(accelerator, local: torch.Tensor | float) -> torch.Tensor:
+    """A loss normalizer over every process's micro-batches, divided by the number of processes: DDP averages the
+    processes' gradients, so each process divides its share by (global count / processes) and the average of the
+    gradients is the gradient of (global sum / global count). `local`: this process's count for one optimizer step."""
+    local = torch.as_tensor(local, dtype=torch.float32, device=accelerator.device)
+    return accelerator.reduce(local, "sum") / accelerator.num_processes
+
+
+def prepare_reference(accelerator, policy) -> None:
+    """Run a policy's frozen reference copy (if it keeps one) the way the policy runs: accelerate's mixed-precision
+    wrapper on its forward (bf16 autocast), no data-parallel wrapper. Under LoRA the reference is the policy's own
+    base and needs nothing."""
+    if policy.ref_model is not None:
+        policy.ref_model = accelerator.prepare_model(policy.ref_model, evaluation_mode=True)
 
 
 def sharded_parameters(accelerator) -> bool:

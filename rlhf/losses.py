@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf.ops import KL_ESTIMATORS, kl_k3, masked_mean
+from rlhf.ops import KL_ESTIMATORS, kl_k3, masked_log_ratio, masked_mean
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -80,9 +80,10 @@ def importance_ratio(
     Shape: (B, T) -> (B, T). "sequence": s_i = exp(mean over counting tokens of (logprobs - old_logprobs)),
     broadcast to every token of the row (Zheng et al. 2025, GSPO eq. 7; TRL 1.16 `importance_sampling_level=
     "sequence"` computes this (B, 1) `coef_1`). This is the ratio to hand to `kl_penalty(importance_ratio=...)` for
-    the bias-corrected KL; `clipped_surrogate` builds its own.
+    the bias-corrected KL; `clipped_surrogate` builds its own. With `response_mask` the ratio is exactly 1 on tokens
+    that do not count (their log-probs are never compared).
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = -masked_log_ratio(logprobs, old_logprobs, response_mask)
     if level == "token":
         return torch.exp(log_ratio)
     if level == "sequence":
@@ -118,7 +119,8 @@ def clipped_surrogate(
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    log_ratio = logprobs - old_logprobs
+    # masked before exp: stored old log-probs are 0 on padding, the current ones are not (ratio exactly 1 there)
+    log_ratio = -masked_log_ratio(logprobs, old_logprobs, response_mask)
     if ratio_level == "token":
         ratio = torch.exp(log_ratio)
     elif ratio_level == "sequence":
@@ -139,7 +141,7 @@ def clipped_surrogate(
             "clip_frac_high": masked_mean(high.float(), mask),
             "clip_frac": masked_mean((low | high).float(), mask),
             # samples come from π_old, so r = π_θ / π_old and k3 = (r - 1) - log r (Schulman's blog, reversed roles)
-            "approx_kl_old": masked_mean(kl_k3(old_logprobs, logprobs), mask),
+            "approx_kl_old": masked_mean(kl_k3(old_logprobs, logprobs, mask), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
     return per_token_loss, metrics
@@ -150,6 +152,7 @@ def kl_penalty(
     ref_logprobs: torch.Tensor,
     estimator: str = "k3",
     importance_ratio: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token KL(π_θ || π_ref) term for the loss (GRPO's β·D_KL, Shao et al. 2024, eq. 3-4). Shape: (B, T) -> (B, T).
 
@@ -157,11 +160,12 @@ def kl_penalty(
     from `importance_ratio()`), the KL is multiplied by it: the samples come from π_old, so this reweighting makes
     the KL gradient unbiased off-policy (DeepSeek-V3.2 report, §3.1 "Unbiased KL Estimate"). As in TRL 1.16
     (`use_bias_correction_kl=True`: `per_token_kl * coef_1`), the ratio is NOT detached: the gradient flows through
-    both factors.
+    both factors. With `response_mask` the inputs are masked before the estimator (`rlhf.ops`): the KL is exactly 0
+    on tokens that do not count, and finite with a finite gradient whatever the log-probs of padding are.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-    kl = KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
+    kl = KL_ESTIMATORS[estimator](logprobs, ref_logprobs, response_mask)
     return kl if importance_ratio is None else kl * importance_ratio
 
 
@@ -200,13 +204,17 @@ def aggregate(
     the micro-batch losses then add up to exactly the full-batch loss (and gradient).
     """
     _check_mode(mode)
-    mask = response_mask.to(loss_mat.dtype)
+    # where, not a product: a non-finite value on a token that does not count must not turn the sum into NaN
+    masked = torch.where(response_mask.bool(), loss_mat, torch.zeros_like(loss_mat))
     if mode == "seq_mean_token_mean":
-        total = ((loss_mat * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+        total = (masked.sum(-1) / response_mask.sum(-1).clamp(min=1).to(loss_mat.dtype)).sum()
     else:
-        total = (loss_mat * mask).sum()
-    denom = aggregate_normalizer(response_mask, mode, max_len) if normalizer is None else normalizer
-    return total / torch.as_tensor(denom, dtype=total.dtype, device=total.device).clamp(min=1)
+        total = masked.sum()
+    if normalizer is None:  # an empty batch divides by 1, not 0
+        denom = aggregate_normalizer(response_mask, mode, max_len).clamp(min=1)
+    else:  # a caller's global count may be < 1 per process (one token over two processes): only guard against 0
+        denom = torch.as_tensor(normalizer, dtype=total.dtype, device=total.device).clamp(min=1e-8)
+    return total / torch.as_tensor(denom, dtype=total.dtype, device=total.device)
 
 
 def _check_mode(mode: str) -> None:

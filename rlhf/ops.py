@@ -100,25 +100,34 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # KL estimators (Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html). Each estimates
-# KL(π || π_ref) per token from samples drawn from π, with log r = ref_logprobs - logprobs.
+# KL(π || π_ref) per token from samples drawn from π, with log r = ref_logprobs - logprobs. With `mask`, log r is set
+# to 0 where the mask is False *before* the estimator runs: every estimator is then exactly 0 there, and neither the
+# value nor the gradient can overflow on padding (k3's exp(log r) reaches inf once log r > 88.7, and inf · 0 = NaN in
+# a masked sum or its gradient).
 
 
-def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def masked_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """log r = ref_logprobs - logprobs, 0 where `mask` is False (None = everywhere). Shape: (B, T) -> (B, T)."""
+    log_ratio = ref_logprobs - logprobs
+    return log_ratio if mask is None else torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """k1 = log π - log π_ref = -log r: unbiased, high variance, negative on some tokens. Shape: (B, T) -> (B, T)."""
-    return logprobs - ref_logprobs
+    return -masked_log_ratio(logprobs, ref_logprobs, mask)
 
 
-def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """k2 = ½ (log r)²: biased but low variance and always ≥ 0. Shape: (B, T) -> (B, T)."""
-    return 0.5 * (logprobs - ref_logprobs) ** 2
+    return 0.5 * masked_log_ratio(logprobs, ref_logprobs, mask) ** 2
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """k3 = (r - 1) - log r with r = π_ref / π: unbiased, low variance, always ≥ 0. Shape: (B, T) -> (B, T).
 
     The form GRPO uses (Shao et al. 2024, eq. 4; TRL `GRPOTrainer._compute_loss` computes the same expression).
     """
-    log_ratio = ref_logprobs - logprobs
+    log_ratio = masked_log_ratio(logprobs, ref_logprobs, mask)
     return torch.exp(log_ratio) - log_ratio - 1
 
 

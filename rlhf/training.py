@@ -222,6 +222,45 @@ def _steps_taken(optimizer) -> int:
     return 0
 
 
+class MetricSums:
+    """A step's update metrics, summed over micro-batches and optimizer updates (minibatches).
+
+    A micro-batch's loss is its share of the minibatch loss (one global normalizer), so `loss/` terms add up over a
+    minibatch's micro-batches; any other term (a rate: clip fraction, entropy...) is averaged over them. `add` the
+    stats of each micro-batch, `end_minibatch` after each optimizer update; `means()` then gives each term's mean
+    over the step's updates and `first` the first update's terms (ratio 1 and approx-KL 0 there: a sanity check).
+    """
+
+    def __init__(self):
+        self.current: dict[str, float] = {}  # the open minibatch
+        self.totals: dict[str, float] = {}
+        self.first: dict[str, float] | None = None
+        self.updates = 0
+
+    def add(self, stats: dict, micro_batches: int) -> None:
+        """One micro-batch's stats, out of the minibatch's `micro_batches`."""
+        for key, value in stats.items():
+            share = 1.0 if key.startswith("loss/") else 1.0 / micro_batches
+            self.current[key] = self.current.get(key, 0.0) + float(value) * share
+
+    def end_minibatch(self, extra: dict | None = None) -> dict[str, float]:
+        """Close the open minibatch (plus per-update values in `extra`, e.g. the gradient norm); return its terms."""
+        minibatch, self.current = {**self.current, **(extra or {})}, {}
+        for key, value in minibatch.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        if self.first is None:
+            self.first = minibatch
+        self.updates += 1
+        return minibatch
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(self.updates, 1) for key, value in self.totals.items()}
+
+    def first_minibatch(self, *keys: str) -> dict[str, float]:
+        """`train/first_minibatch_<name>` for each `train/<name>` in `keys` the first update logged."""
+        return {f"train/first_minibatch_{k.split('/')[-1]}": (self.first or {})[k] for k in keys if k in (self.first or {})}
+
+
 def progress_axes(counters: dict, timer: StepTimer) -> dict[str, float]:
     """The shared x-axes (progress/samples, progress/tokens, progress/seconds) every logged row carries."""
     return {"progress/samples": counters["samples"], "progress/tokens": counters["tokens"], "progress/seconds": timer.elapsed}

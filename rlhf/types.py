@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from rlhf.ops import position_ids_from_mask
+
 
 @dataclass
 class Rollout:
@@ -34,6 +36,15 @@ class Rollout:
             f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v) for f in fields(self)
         }
         return Rollout(**moved)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Prompt and response as one model input: `input_ids`, `attention_mask` and `position_ids` (B, P + T), the
+        positions starting at 0 on each row's first real token so that left padding does not shift them. The
+        outputs that predict the T response tokens are those at positions [-T - 1, -1)."""
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1).long()
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "position_ids": position_ids_from_mask(attention_mask)}
 
     def select(self, idx: torch.Tensor | list[int]) -> "Rollout":
         """Rows `idx` (a minibatch), tensors and text lists alike. `prompt_index` keeps its values, so rows of one
@@ -124,3 +135,24 @@ def cat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         out["prompts"] += r.prompts
         out["completions"] += r.completions
     return Rollout(**{k: (torch.cat(v) if k not in ("prompts", "completions") else v) for k, v in out.items()})
+
+
+def cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:
+    """Rows of several experiences as one (responses right-padded to the widest: extra positions do not count);
+    timings add up."""
+    if len(parts) == 1:
+        return parts[0]
+    rollout = cat_rollouts([p.rollout for p in parts], pad_token_id)
+    width = rollout.response_ids.size(1)
+
+    def cat(name):
+        tensors = [getattr(p, name) for p in parts]
+        if tensors[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1))) for t in tensors])
+
+    timings = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
+    return Experience(rollout=rollout, scores=torch.cat([p.scores for p in parts]),
+                      components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
+                      old_logprobs=cat("old_logprobs"), ref_logprobs=cat("ref_logprobs"), values=cat("values"),
+                      timings=timings)

@@ -27,25 +27,27 @@ import torch
 from pydantic import Field
 
 from rlhf.advantages import (
-    AdaptiveKLController, FixedKLController, group_normalized, kl_shaped_rewards, reinforce_pp, rloo,
+    fixed_score_without_eos, group_normalized, kl_shaped_rewards, make_kl_controller, reinforce_pp, rloo,
 )
 from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
 from rlhf.data import load_rl_prompts
-from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
+from rlhf.distributed import check_engine, global_normalizer, make_accelerator, prepare_reference, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
-from rlhf.ops import kl_k1, masked_mean, masked_moments
+from rlhf.ops import kl_k1, masked_mean
 from rlhf.policy import PolicyModel
-from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings, rl_micro_batches
-from rlhf.rollout import log_samples, make_experience
+from rlhf.recipes.rl_settings import KLSettings, PromptData, RewardShaping, RLEvalSettings, rl_micro_batches
+from rlhf.rollout import add_fixed_targets, log_samples, rollout_metrics, sample_experience, step_seed, update_plan
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
+    MetricSums, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    resume_state,
 )
-from rlhf.types import Experience, cat_rollouts
+from rlhf.types import Experience, cat_experiences
 from reward_models.scoring import RewardComponent, Scorer
+
 
 class GRPOLoss(Section):
     """The estimator and the surrogate."""
@@ -77,6 +79,9 @@ class Config(StageConfig):
     kl: KLSettings = Field(default_factory=KLSettings, description="KL to the reference")
     train: LoopSettings = Field(default_factory=LoopSettings, description="steps and the cadence of log / eval / checkpoint")
     optim: OptimSettings = Field(default_factory=lambda: OptimSettings(lr=1e-5, schedule="constant"), description="AdamW")
+    reward: RewardShaping = Field(default_factory=RewardShaping, description="the score of responses without EOS")
+    disable_dropout: bool = Field(True, description="train in eval mode (no dropout), as sampling and the old / reference "
+                                  "log-probs run: else the ratio is not 1 where the policy has not moved")
     eval: RLEvalSettings = Field(default_factory=RLEvalSettings, description="held-out evaluation")
     samples_every: int = Field(10, ge=0, description="write sampled completions (JSONL + W&B table) every N steps (0 = never)")
     save_merged: bool = Field(False, description="with LoRA, also write the merged full model (else the adapter)")
@@ -92,7 +97,6 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     agg = cfg.loss.aggregation or ("seq_mean_token_sum_norm" if adv_name == "dr_grpo" else "token_mean")
     kl_in_reward = cfg.kl.in_reward or adv_name == "reinforce_pp"  # REINFORCE++ shapes token rewards by definition
     beta_on = cfg.kl.beta > 0
-    updates_per_step = cfg.rl.epochs * cfg.rl.minibatches
     # batch statistics (scale_rewards: batch, REINFORCE++'s whitening, the logged reward std) over every process
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     if cfg.sampling.n < 2 and adv_name != "reinforce_pp":
@@ -112,18 +116,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.rl.epochs * cfg.rl.minibatches)
     policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    prepare_reference(accelerator, policy)
     model = policy.model
 
     # 5. resume: weights, optimizer, scheduler, RNG and β; prompts and sampling seeds are functions of the step -------
     start, counters, timer = resume_state(accelerator, ctx)
-    if cfg.kl.target is not None:
-        kl_ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
-    else:
-        kl_ctl = FixedKLController(cfg.kl.beta)
-    if "kl_coef" in counters:
-        kl_ctl.load_state_dict({"value": counters.pop("kl_coef")})
+    kl_ctl = make_kl_controller(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon, counters.pop("kl", None))
 
     def evaluate() -> dict[str, float]:
         if not eval_records:
@@ -133,17 +133,20 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                             accelerator=accelerator)
 
     # 6. the loop -----------------------------------------------------------------------------------------------
-    model.train()
+    model.train(not cfg.disable_dropout)  # eval mode = no dropout: the update sees the function that sampled
     metrics: dict[str, float] = {}
     for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
-        # 6.1 rollout: P prompts × G completions, scored; old / reference log-probs (no grad) ------------------
-        exp, rounds, zero_std_frac = _rollout(cfg, step, records, policy.unwrapped(accelerator), scorer, accelerator,
-                                              need_old=updates_per_step > 1 or kl_in_reward, need_ref=beta_on)
+        # 6.1 rollout: P prompts × G completions, scored; old / reference log-probs in the first epoch's micro-batches
+        plan = update_plan(cfg.seed, step, cfg.rl.prompts_per_step * cfg.sampling.n, cfg.rl)
+        bare = policy.unwrapped(accelerator)
+        exp, rounds, zero_std_frac = _rollout(cfg, step, records, bare, scorer, accelerator)
+        add_fixed_targets(exp, bare, temperature=cfg.sampling.temperature, micro_batches=sum(plan[0], []),
+                          old_logprobs=len(plan) * len(plan[0]) > 1 or kl_in_reward, reference=beta_on)
         mask = exp.response_mask
         loss_mask = mask & exp.rollout.ended[:, None] if cfg.loss.mask_truncated else mask
 
         # 6.2 advantages (the estimators are pure functions; the KL goes into the reward or into the loss) ----------
-        seq_kl = kl_k1(exp.old_logprobs, exp.ref_logprobs) * mask if beta_on and exp.old_logprobs is not None else None
+        seq_kl = kl_k1(exp.old_logprobs, exp.ref_logprobs, mask) if beta_on and exp.old_logprobs is not None else None
         beta = kl_ctl.value
         if adv_name == "reinforce_pp":
             kl = seq_kl if seq_kl is not None else torch.zeros_like(mask, dtype=torch.float32)
@@ -157,36 +160,27 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 exp.advantages = group_normalized(rewards, exp.rollout.prompt_index, scale=scale, all_reduce=all_reduce)
 
         # 6.3 μ epochs × minibatches of the clipped surrogate (+ β·KL in the loss), micro-batched -----------------
-        sums: dict[str, float] = {}
-        losses: list[float] = []  # each minibatch's total loss
+        sums = MetricSums()
         # KL(π_old‖π_ref) per row for the logs and the adaptive β: from the stored old log-probs, or (on-policy) from
         # the first pass, whose log-probs are π_old's
         row_kl = seq_kl.sum(-1) if seq_kl is not None else torch.zeros(len(exp), device=mask.device)
         update_started = time.perf_counter()
-        for epoch in range(cfg.rl.epochs):
-            order = torch.randperm(len(exp), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 131 + epoch))
-            for mb in order.chunk(cfg.rl.minibatches):
-                micro = mb.split(cfg.rl.micro_batch_size)
+        for epoch, minibatches in enumerate(plan):
+            for micro in minibatches:
                 # one global normalizer over the minibatch's micro-batches (and processes): accumulation = one batch
-                local = sum(aggregate_normalizer(loss_mask[m], agg, max_len=cfg.sampling.max_new_tokens) for m in micro)
-                normalizer = accelerator.reduce(torch.as_tensor(float(local), device=accelerator.device), "sum")
-                normalizer = normalizer / accelerator.num_processes
+                normalizer = global_normalizer(accelerator, sum(
+                    aggregate_normalizer(loss_mask[m], agg, max_len=cfg.sampling.max_new_tokens) for m in micro))
                 for i, rows in enumerate(micro):
                     part = exp.select(rows)
                     with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
                         loss, stats, old = _policy_loss(policy, part, loss_mask[rows], cfg, agg, normalizer, beta, kl_in_reward)
                         accelerator.backward(loss)
                     if epoch == 0 and beta_on and seq_kl is None:
-                        row_kl[rows] = (kl_k1(old, part.ref_logprobs) * part.response_mask).sum(-1)
-                    for key, value in stats.items():
-                        # a micro-batch's loss is its share of the minibatch loss (global normalizer): sum the shares;
-                        # rates (clip fractions, entropy...) are averaged over micro-batches
-                        sums[key] = sums.get(key, 0.0) + float(value) * (1 if key.startswith("loss/") else 1 / len(micro))
-                mb_loss = sums.get("loss/total", 0.0) - sum(losses)
-                losses.append(mb_loss)
-                sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + optimizer_step(
-                    accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, loss=mb_loss)
-
+                        row_kl[rows] = kl_k1(old, part.ref_logprobs, part.response_mask).sum(-1)
+                    sums.add(stats, len(micro))
+                norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm,
+                                      loss=sums.current.get("loss/total"))
+                sums.end_minibatch({"train/grad_norm": norm})
         update_seconds = time.perf_counter() - update_started
 
         # 6.4 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
@@ -195,27 +189,23 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         tokens = int(mask.sum()) * accelerator.num_processes
         counters["samples"] += len(exp) * accelerator.num_processes
         counters["tokens"] += tokens
+        advantages = exp.advantages if exp.advantages.dim() == 2 else exp.advantages[:, None].expand_as(mask)
         step_metrics = {
-            "train/reward": float(exp.scores.mean()),
-            "train/reward_std": float(masked_moments(exp.scores, torch.ones_like(mask[:, 0]), all_reduce)[1].sqrt()),
+            **rollout_metrics(exp, all_reduce),
             "train/frac_zero_std_groups": zero_std_frac,
-            "train/response_length": float(exp.rollout.lengths.float().mean()),
-            "train/truncated_frac": 1.0 - float(exp.rollout.ended.float().mean()),
-            "train/advantage_abs": float(masked_mean(exp.advantages.abs() if exp.advantages.dim() == 2
-                                                      else exp.advantages.abs()[:, None].expand_as(mask), mask)),
+            "train/advantage_abs": float(masked_mean(advantages.abs(), mask)),
             "train/kl_coef": beta, "train/sampling_rounds": rounds, "train/lr": scheduler.get_last_lr()[0],
-            **{k: v / updates_per_step for k, v in sums.items()},  # means over the step's optimizer updates
-            **{f"reward/{k}": float(v.mean()) for k, v in exp.components.items()},
-            **{f"perf/{k}_seconds": v for k, v in exp.timings.items()},
+            **sums.means(),  # means over the step's optimizer updates
+            **sums.first_minibatch("train/ratio_mean", "train/approx_kl_old"),
+            "perf/update_seconds": update_seconds,
         }
         if beta_on:
             step_metrics["train/kl"] = float(row_kl.mean())
             step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
-        step_metrics["perf/update_seconds"] = update_seconds
         if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
             log_samples(ctx.tracker, exp, step + 1)
         end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
-                    evaluate=evaluate, state={"kl_coef": kl_ctl.value})
+                    evaluate=evaluate, state={"kl": kl_ctl.state_dict()})
         metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
 
     # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
@@ -234,7 +224,7 @@ def _policy_loss(policy, part: Experience, loss_mask, cfg: Config, agg: str, nor
                **{f"train/{k}": v for k, v in stats.items()}}
     if beta > 0 and not kl_in_reward:
         ratio = importance_ratio(out.logprobs, old, loss_mask, cfg.loss.ratio_level) if cfg.kl.importance_weighted else None
-        kl = kl_penalty(out.logprobs, part.ref_logprobs, cfg.kl.estimator, importance_ratio=ratio)
+        kl = kl_penalty(out.logprobs, part.ref_logprobs, cfg.kl.estimator, importance_ratio=ratio, response_mask=loss_mask)
         kl_loss = aggregate(kl, loss_mask, agg, normalizer, max_len=cfg.sampling.max_new_tokens)
         loss = loss + beta * kl_loss
         metrics["loss/kl"] = kl_loss.detach()
@@ -242,10 +232,11 @@ def _policy_loss(policy, part: Experience, loss_mask, cfg: Config, agg: str, nor
     return loss, metrics, old
 
 
-def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, need_old: bool, need_ref: bool):
-    """One step's experience: P prompts × G completions. With dynamic sampling, groups whose rewards all tie (zero
-    advantage, no gradient) are dropped and more prompts are sampled, up to `max_sampling_rounds` rollouts; the
-    prompts of round r are a function of (seed, step, r), so a resumed run samples the same.
+def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator):
+    """One step's sampled and scored experience, P prompts × G completions (responses cut without EOS get
+    `reward.missing_eos_score`). With dynamic sampling, groups whose rewards all tie (zero advantage, no gradient)
+    are dropped and more prompts are sampled, up to `max_sampling_rounds` rollouts; the prompts of round r are a
+    function of (seed, step, r), so a resumed run samples the same.
     Returns (experience, rounds, fraction of zero-std groups in the first round)."""
     kept: list[Experience] = []
     n_groups, zero_frac, rounds = 0, 0.0, 0
@@ -253,10 +244,10 @@ def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, ne
     for rnd in range(max_rounds):
         idx = micro_batch_indices(len(records), cfg.rl.prompts_per_step, step * max_rounds + rnd, cfg.seed,
                                   accelerator.process_index, accelerator.num_processes)
-        batch = [records[i] for i in idx]
-        exp = make_experience(policy, scorer, batch, cfg.sampling, seed=cfg.seed * 1_000_003 + step * 1009 + rnd,
-                              with_old_logprobs=need_old, with_reference=need_ref, micro_batch_size=cfg.rl.micro_batch_size,
-                              first_prompt=accelerator.process_index * cfg.rl.prompts_per_step)
+        exp = sample_experience(policy, scorer, [records[i] for i in idx], cfg.sampling, seed=step_seed(cfg.seed, step, rnd),
+                                first_prompt=accelerator.process_index * cfg.rl.prompts_per_step)
+        if cfg.reward.missing_eos_score is not None:
+            exp.scores = fixed_score_without_eos(exp.scores, exp.rollout.ended, cfg.reward.missing_eos_score)
         rounds += 1
         groups = exp.scores.view(-1, cfg.sampling.n)
         varied = (groups.max(1).values - groups.min(1).values) > 1e-6
@@ -277,25 +268,5 @@ def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator, *, ne
         # process: their micro-batch counts must match under DDP) trains on exactly P groups
         tied = torch.nonzero(~varied).flatten()[: cfg.rl.prompts_per_step - n_groups]
         kept.append(exp.select((tied[:, None] * cfg.sampling.n + torch.arange(cfg.sampling.n)).flatten()))
-    merged = _cat_experiences(kept, policy.tokenizer.pad_token_id)
-    merged = merged.select(list(range(min(len(merged), cfg.rl.prompts_per_step * cfg.sampling.n))))
-    return merged, rounds, zero_frac
-
-
-def _cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:
-    """Rows of several experiences as one (responses right-padded to the widest: extra positions do not count)."""
-    if len(parts) == 1:
-        return parts[0]
-    rollout = cat_rollouts([p.rollout for p in parts], pad_token_id)
-    width = rollout.response_ids.size(1)
-
-    def cat(name):
-        tensors = [getattr(p, name) for p in parts]
-        if tensors[0] is None:
-            return None
-        return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1))) for t in tensors])
-
-    timings = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
-    return Experience(rollout=rollout, scores=torch.cat([p.scores for p in parts]),
-                      components={k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
-                      old_logprobs=cat("old_logprobs"), ref_logprobs=cat("ref_logprobs"), timings=timings)
+    merged = cat_experiences(kept, policy.tokenizer.pad_token_id)
+    return merged.select(list(range(min(len(merged), cfg.rl.prompts_per_step * cfg.sampling.n)))), rounds, zero_frac

@@ -36,6 +36,14 @@ class KLSettings(Section):
     horizon: int = Field(10000, ge=1, description="adaptive β: the controller's horizon in samples (Ziegler et al. 2019)")
 
 
+class RewardShaping(Section):
+    """What happens to the scorer's scores before they become advantages or per-token rewards."""
+
+    missing_eos_score: float | None = Field(
+        -1.0, description="score of a response cut at max_new_tokens without EOS, replacing the scorer's: a reward "
+        "model would read an EOS that was never sampled (null = keep the scorer's)")
+
+
 class RLEvalSettings(Section):
     """Held-out evaluation during and after an RL stage: greedy and sampled, scored through the scoring interface."""
 
