@@ -10,7 +10,8 @@ each prompt, >= 256 tokens):
   padding_side="left", return_tensors="pt")`, `torch.manual_seed(S)`, `model.generate(..., do_sample=True,
   temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N)`, slice off the prompt, `tokenizer.batch_decode(...)`.
 - fast: `policy.generate(prompts, n=n, max_new_tokens=N, temperature=1.0, seed=S, backend="fast")` -> a `Rollout`
-  (strings in, decoded text out), with the decode step eager (RLHF_COMPILE=0: no compile time anywhere).
+  (strings in, decoded text out; its three steps spelled out, so that the call's `SampleStats` come back), with the
+  decode step eager (RLHF_COMPILE=0: no compile time anywhere).
 - fast bf16: the same with `bf16=True` (weights and KV cache in bfloat16; raw stays fp32).
 - compiled (the compile section): the fast backend with its decode step under `torch.compile` (RLHF_COMPILE=1):
   the first call's seconds (the compile), the steady state, and the number of calls after which compiling has paid
@@ -80,10 +81,16 @@ def long_prompts(tokenizer, count: int) -> list[str]:
 
 def fast(policy: PolicyModel, prompts: list[str], n: int, max_new_tokens: int, seed: int, bf16: bool = False,
          compile: bool = False):
+    """What `policy.generate` does (encode, `generation.generate`, `rollout_from_ids`), keeping the SampleStats."""
     os.environ["RLHF_COMPILE"] = "1" if compile else "0"
-    rollout = policy.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, backend="fast",
-                              bf16=bf16)
-    return rollout.response_ids, rollout.completions
+    ids, mask = policy.encode_prompts(prompts)
+    tok = policy.tokenizer
+    response, stats = generation.generate(
+        policy.model, ids, mask, n=n, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, temperature=1.0, seed=seed, backend="fast",
+        bf16=bf16)
+    rollout = policy.rollout_from_ids(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), response, prompts, n)
+    return rollout.response_ids, rollout.completions, stats
 
 
 @torch.no_grad()
@@ -136,7 +143,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 7) -> float
 def timed(fn, eos: int, flops=None, phases: bool = False):
     def run() -> dict:
         start, cpu = time.perf_counter(), time.process_time()
-        ids, _ = fn()
+        ids, *rest = fn()  # fast sides also return their SampleStats
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         tokens = count_tokens(ids, eos)
         out = {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -144,8 +151,8 @@ def timed(fn, eos: int, flops=None, phases: bool = False):
         if flops is not None:
             out["gflops"] = flops(ids) / seconds / 1e9
         if phases:
-            last = generation.LAST
-            out.update(prefill_s=last.prefill, decode_s=last.decode, compile_s=last.compile)
+            stats = rest[-1]
+            out.update(prefill_s=stats.prefill, decode_s=stats.decode, compile_s=stats.compile)
         return out
 
     return run

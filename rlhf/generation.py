@@ -1,4 +1,4 @@
-"""The fast sampler behind `PolicyModel.generate` (backend "fast"): prefix-shared prefill, then a KV-cache decode loop.
+"""Sampling: `generate` picks the backend; "fast" (`sample`) is a prefix-shared prefill, then a KV-cache decode loop.
 
 Why: sampling is about half of an RL step, and for the small models this framework trains on CPU, transformers'
 `generate` spends most of a decode step outside the matmuls (cache objects growing by `torch.cat`, mask building,
@@ -19,7 +19,7 @@ logits processors, dozens of small ops per layer). One `sample` call here:
    the loop stops when every row has ended. The result is what `model.generate(...)[:, P:]` returns.
 
 Greedy decoding is the correctness anchor: token-identical to `model.generate` in fp32 (tests/rlhf/test_generation.py).
-Llama- and Qwen2-family models are supported; `unsupported_reason` says why another is not (the caller then uses
+Llama- and Qwen2-family models are supported; `unsupported_reason` says why another is not (`generate` then uses
 transformers' `generate`). Measurements: benchmarks/bench_generate.py.
 """
 
@@ -28,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BACKENDS = ("hf", "fast")
-DEFAULT_BACKEND = "fast"  # what `PolicyModel.generate` uses unless told; RLHF_SAMPLING_BACKEND overrides it
+DEFAULT_BACKEND = "fast"  # what `generate` uses unless told; RLHF_SAMPLING_BACKEND overrides it
 FAMILIES = ("llama", "qwen2")
 BUCKET = 16  # prompt width and response budget are rounded up to a multiple of this: one compile serves many calls
 
@@ -54,7 +56,7 @@ _warned: set[str] = set()
 
 
 def default_backend() -> str:
-    """The sampling backend of `PolicyModel.generate(backend=None)`: RLHF_SAMPLING_BACKEND if set, else DEFAULT_BACKEND."""
+    """The sampling backend of `generate(backend=None)`: RLHF_SAMPLING_BACKEND if set, else DEFAULT_BACKEND."""
     return os.environ.get("RLHF_SAMPLING_BACKEND", "").strip().lower() or DEFAULT_BACKEND
 
 
@@ -352,10 +354,6 @@ def _layer_step(spec: _Spec, n: int, x, w, cos, sin, slot, prefix_bias, suffix_b
     return x + _mlp(_rms_norm(x, w[5], spec.eps), w, spec)
 
 
-def _final(spec: _Spec, x, norm, head, head_bias) -> torch.Tensor:
-    return F.linear(_rms_norm(x, norm, spec.eps), head, head_bias).float()
-
-
 def _decode_step(spec: _Spec, n: int, embed, layers, norm, head, head_bias, cos_table, sin_table, tokens, position0,
                  slot, prefix_bias, prefix_k, prefix_v, suffix_k, suffix_v) -> torch.Tensor:
     """One new token per row through the whole model: float32 logits (B, V). `tokens`, `position0` (B,) long; the
@@ -382,12 +380,10 @@ def compile_mode() -> str:
     """How `sample` compiles by default, from RLHF_COMPILE: "auto" (unset), "on" (1/true) or "off" (0/false).
 
     auto compiles a shape bucket once this process has spent RLHF_COMPILE_AFTER_S (default 60) seconds decoding it
-    eagerly. Compiling costs ~1 s per bucket with inductor's disk cache warm and 3-45 s cold (2 shared CPU cores,
-    quiet to busy), and a compiled call is 1.1-1.8x faster than an eager one (benchmarks/bench_generate.py), so a
-    short stage (the demo GRPO stage samples ~22 s in all) never waits for a compiler and a long one stops paying
-    the eager overhead after a minute: the ski-rental rule, never more than about twice the better choice in
-    hindsight. Compiled and eager logits differ in float rounding, so the same seed can (rarely) draw a different
-    token once a bucket is compiled."""
+    eagerly, so a short stage never waits for a compiler and a long one stops paying the eager overhead: the
+    ski-rental rule, never more than about twice the better choice in hindsight (compile costs and speed-ups:
+    benchmarks/README.md). Compiled and eager logits differ in float rounding, so the same seed can (rarely) draw a
+    different token once a bucket is compiled."""
     value = os.environ.get("RLHF_COMPILE", "auto").strip().lower()
     return "on" if value in ("1", "true", "yes", "on") else "off" if value in ("0", "false", "no", "off") else "auto"
 
@@ -404,6 +400,8 @@ class CompileStats:
     eager_seconds: dict = field(default_factory=dict)
 
 
+# process state, like torch.compile's own graph cache: what was compiled (and the eager seconds that decide it) holds
+# for every later call in this process, whoever makes it
 COMPILE = CompileStats()
 _compiled_step = None
 
@@ -479,8 +477,10 @@ def select_tokens(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, 
 
 @dataclass
 class SampleStats:
-    """Where one `sample` call spent its time (seconds) and what it ran."""
+    """What one sampling call ran and where it spent its time (seconds). The hf backend fills `backend`, `steps` and
+    `decode` (its whole `model.generate` call) only."""
 
+    backend: str = "fast"
     weights: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
@@ -489,14 +489,12 @@ class SampleStats:
     compiled: bool = False
 
 
-LAST = SampleStats()
-
-
-def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Sample `n` responses for each distinct left-padded prompt (R, p) and return the raw response ids (R·n, T),
-    rows grouped by prompt, finished rows filled with `pad_token_id`, T = the steps run (<= max_new_tokens): what
-    `model.generate(...)[:, p:]` returns for the prompts repeated n times. Random draws come from `uniforms`
-    (R·n, max_new_tokens; see `prompt_uniforms`), else from the global RNG.
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, SampleStats]:
+    """The fast backend. Sample `n` responses for each distinct left-padded prompt (R, p) and return the raw response
+    ids (R·n, T), rows grouped by prompt, finished rows filled with `pad_token_id`, T = the steps run
+    (<= max_new_tokens): what `model.generate(...)[:, p:]` returns for the prompts repeated n times; and the call's
+    `SampleStats`. Random draws come from `uniforms` (R·n, max_new_tokens; see `prompt_uniforms`), else from the
+    global RNG.
 
     Keyword args: n, max_new_tokens, eos_token_id, pad_token_id, greedy, temperature, top_k, top_p (transformers'
     meaning; top_k = 0 and top_p = 1 are off), and
@@ -506,8 +504,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs)
             failure warns once and samples eagerly from then on.
     """
     with torch.inference_mode():  # less dispatcher work per op than no_grad; the result is cloned out of it
-        out = _sample(model, prompt_ids, prompt_mask, **kwargs)
-    return out.clone()
+        out, stats = _sample(model, prompt_ids, prompt_mask, **kwargs)
+    return out.clone(), stats
 
 
 def _sample(
@@ -526,9 +524,8 @@ def _sample(
     bf16: bool = False,
     compile: bool | None = None,
     uniforms: torch.Tensor | None = None,
-) -> torch.Tensor:
-    global LAST
-    stats = LAST = SampleStats()
+) -> tuple[torch.Tensor, SampleStats]:
+    stats = SampleStats()
     lm = base_model(model)
     device = prompt_ids.device
     start = time.perf_counter()
@@ -603,4 +600,106 @@ def _sample(
     if not use_compile:
         COMPILE.eager_seconds[key] = COMPILE.eager_seconds.get(key, 0.0) + stats.decode
     stats.steps, stats.compiled = steps, use_compile
-    return out[:, :steps]
+    return out[:, :steps], stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point: backend, fallback, seeding
+
+
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    n: int = 1,
+    max_new_tokens: int = 64,
+    eos_token_id: int,
+    pad_token_id: int,
+    bos_token_id: int | None = None,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    first_prompt: int = 0,
+    backend: str | None = None,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Sample `n` responses for each distinct left-padded prompt (R, P), in eval mode: the raw response ids (R·n, T)
+    as `sample` returns them, and the call's `SampleStats`.
+
+    `backend`: "fast" (`sample`) or "hf" (`model.generate` on the prompts repeated n times); None = `default_backend()`.
+    A model the fast sampler does not support samples with "hf", decided on its first call (one warning). With `seed`
+    the sampling is reproducible and the global RNG is left untouched; on the fast backend prompt i then draws from its
+    own stream, seeded by `seed` and `first_prompt` + i (`prompt_uniforms`), while `model.generate` draws from one
+    stream for the whole call. `bf16`: as in `sample` (fast only).
+    """
+    backend = _backend_for(model, backend)
+    picks = dict(n=n, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                 greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    device = prompt_ids.device
+    devices = [device] if device.type == "cuda" else []
+    rng = torch.random.fork_rng(devices=devices) if seed is not None else nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with rng, torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            if backend == "fast":
+                uniforms = None if seed is None or greedy else prompt_uniforms(
+                    seed, first_prompt, prompt_ids.size(0), n, max_new_tokens).to(device)
+                try:
+                    return sample(model, prompt_ids, prompt_mask, **picks, bf16=bf16, uniforms=uniforms)
+                except _Unsupported as exc:  # sharded since the verdict (FSDP shards in place): hf from now on
+                    _fall_back(model, str(exc))
+            return _hf_generate(model, prompt_ids, prompt_mask, bos_token_id=bos_token_id, bf16=bf16, **picks)
+    finally:
+        model.train(was_training)
+
+
+# the fast sampler's verdict per model (None = it can run it): `unsupported_reason` walks every layer, once is enough
+_verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _backend_for(model, backend: str | None) -> str:
+    """The backend that samples `model`: `backend` (None = `default_backend()`), "hf" where fast cannot run it."""
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sampling backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "fast":
+        if model not in _verdicts:
+            _verdicts[model] = unsupported_reason(model)
+        if _verdicts[model] is not None:
+            _fall_back(model, _verdicts[model])
+            backend = "hf"
+    return backend
+
+
+def _fall_back(model, reason: str) -> None:
+    _verdicts[model] = reason
+    warn_once(f"fast sampling does not support this model ({reason}); using Hugging Face's generate")
+
+
+def _hf_generate(model, prompt_ids, prompt_mask, *, n, max_new_tokens, eos_token_id, pad_token_id, bos_token_id,
+                 greedy, temperature, top_k, top_p, bf16) -> tuple[torch.Tensor, SampleStats]:
+    from transformers import GenerationConfig
+
+    if bf16:
+        warn_once("bf16 sampling needs the fast sampling backend; sampling in the model's own dtype")
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_p=top_p if not greedy else None,
+        top_k=top_k if not greedy else None,  # 0 disables top-k (transformers' default would be 50)
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+    )
+    ids, mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
+    response = out[:, ids.size(1):]
+    return response, SampleStats(backend="hf", decode=time.perf_counter() - start, steps=response.size(1))

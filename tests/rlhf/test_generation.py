@@ -74,9 +74,13 @@ def hf_greedy(model, ids, mask, n, max_new_tokens, eos, pad):
     return out[:, ids.size(1):]
 
 
-def fast_greedy(model, ids, mask, n, max_new_tokens, eos, pad, **kw):
+def fast_greedy_with_stats(model, ids, mask, n, max_new_tokens, eos, pad, **kw):
     return generation.sample(model, ids, mask, n=n, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                              greedy=True, **kw)
+
+
+def fast_greedy(model, ids, mask, n, max_new_tokens, eos, pad, **kw):
+    return fast_greedy_with_stats(model, ids, mask, n, max_new_tokens, eos, pad, **kw)[0]
 
 
 # -- greedy: token-identical to model.generate ------------------------------------------------------------------
@@ -126,7 +130,8 @@ def test_one_prompt_with_many_samples(tok, kind):
     eos = frequent_token(model, ids, mask, tok.pad_token_id)
     assert torch.equal(fast_greedy(model, ids, mask, 5, 12, eos, tok.pad_token_id),
                        hf_greedy(model, ids, mask, 5, 12, eos, tok.pad_token_id))
-    sampled = generation.sample(model, ids, mask, n=5, max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    sampled, _ = generation.sample(model, ids, mask, n=5, max_new_tokens=12, eos_token_id=eos,
+                                   pad_token_id=tok.pad_token_id)
     assert sampled.shape[0] == 5
 
 
@@ -253,8 +258,8 @@ def test_sampled_rollouts_follow_the_response_rules(tok):
     stop = frequent_token(model, ids, mask, tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        raw = generation.sample(model, ids, mask, n=8, max_new_tokens=24, eos_token_id=stop,
-                                pad_token_id=tok.pad_token_id, temperature=0.7)
+        raw, _ = generation.sample(model, ids, mask, n=8, max_new_tokens=24, eos_token_id=stop,
+                                   pad_token_id=tok.pad_token_id, temperature=0.7)
     ended = (raw == stop).any(-1)
     assert ended.any() and not ended.all(), "some rows stop, some are truncated"
     for row in raw:
@@ -303,6 +308,32 @@ def test_backend_setting(tok, monkeypatch):
         demo_policy(tok, "nano").generate(PROMPTS, backend="vllm")
 
 
+def test_generate_returns_its_backends_stats_and_decides_the_fallback_once_per_model(tok, monkeypatch, caplog):
+    model = scratch("llama", tok)
+    ids, mask = encode(tok, PROMPTS)
+    verdicts = []
+    check = generation.unsupported_reason
+    monkeypatch.setattr(generation, "unsupported_reason", lambda m: verdicts.append(m) or check(m))
+    kw = dict(n=2, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, greedy=True)
+    fast, fast_stats = generation.generate(model, ids, mask, backend="fast", **kw)
+    generation.generate(model, ids, mask, backend="fast", **kw)
+    hf, hf_stats = generation.generate(model, ids, mask, backend="hf", **kw)
+    assert len(verdicts) == 1, "the fast sampler's checks run once per model"
+    assert torch.equal(fast, hf) and fast.size(1) == fast_stats.steps == hf_stats.steps
+    assert (fast_stats.backend, hf_stats.backend) == ("fast", "hf") and fast_stats.decode > 0 and hf_stats.decode > 0
+
+    def sharded(*args, **kwargs):  # what FSDP does in place after the verdict: the weights are no longer matrices
+        raise generation._Unsupported("layer 0 q_proj has sharded or partitioned weights")
+
+    monkeypatch.setattr(generation, "_read_weights", sharded)
+    generation._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf.generation"):
+        for _ in range(2):
+            again, stats = generation.generate(model, ids, mask, backend="fast", **kw)
+            assert stats.backend == "hf" and torch.equal(again, hf)
+    assert len([r for r in caplog.records if r.name == "rlhf.generation"]) == 1 and len(verdicts) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, n", [("nano", 2), ("qwen2-gqa-untied", 3)])
 def test_compiled_step_is_greedy_identical(tok, name, n):
@@ -312,9 +343,9 @@ def test_compiled_step_is_greedy_identical(tok, name, n):
     ids, mask = encode(tok, PROMPTS)
     eos = frequent_token(model, ids, mask, tok.pad_token_id) if name != "nano" else tok.eos_token_id
     expected = hf_greedy(model, ids, mask, n, 10, eos, tok.pad_token_id)
-    compiled = fast_greedy(model, ids, mask, n, 10, eos, tok.pad_token_id, compile=True)
+    compiled, stats = fast_greedy_with_stats(model, ids, mask, n, 10, eos, tok.pad_token_id, compile=True)
     assert generation.COMPILE.failed is None, generation.COMPILE.failed
-    assert generation.LAST.compiled and torch.equal(compiled, expected)
+    assert stats.compiled and torch.equal(compiled, expected)
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tok, monkeypatch, caplog):
@@ -331,9 +362,9 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tok, monkeypatc
     generation._warned.clear()
     with caplog.at_level(logging.WARNING, logger="rlhf.generation"):
         got = fast_greedy(model, ids, mask, 2, 10, tok.eos_token_id, tok.pad_token_id, compile=True)
-        again = fast_greedy(model, ids, mask, 2, 10, tok.eos_token_id, tok.pad_token_id, compile=True)
+        again, stats = fast_greedy_with_stats(model, ids, mask, 2, 10, tok.eos_token_id, tok.pad_token_id, compile=True)
     assert torch.equal(got, expected) and torch.equal(again, expected)
-    assert "no C++ compiler" in generation.COMPILE.failed and not generation.LAST.compiled
+    assert "no C++ compiler" in generation.COMPILE.failed and not stats.compiled
     assert len([r for r in caplog.records if r.name == "rlhf.generation"]) == 1
 
 
@@ -352,8 +383,8 @@ def test_auto_compile_waits_until_a_bucket_has_cost_enough_eager_time(tok, monke
     monkeypatch.setattr(generation, "COMPILE", generation.CompileStats())
     monkeypatch.setenv("RLHF_COMPILE", "auto")
     monkeypatch.setenv("RLHF_COMPILE_AFTER_S", "0.05")
-    expected = fast_greedy(model, ids, mask, 1, 8, tok.eos_token_id, tok.pad_token_id)
-    assert not calls and not generation.LAST.compiled, "the first call of a bucket runs eagerly"
+    expected, stats = fast_greedy_with_stats(model, ids, mask, 1, 8, tok.eos_token_id, tok.pad_token_id)
+    assert not calls and not stats.compiled, "the first call of a bucket runs eagerly"
     while not calls:
-        got = fast_greedy(model, ids, mask, 1, 8, tok.eos_token_id, tok.pad_token_id)
-    assert generation.LAST.compiled and torch.equal(got, expected) and generation.COMPILE.compiles == 1
+        got, stats = fast_greedy_with_stats(model, ids, mask, 1, 8, tok.eos_token_id, tok.pad_token_id)
+    assert stats.compiled and torch.equal(got, expected) and generation.COMPILE.compiles == 1
