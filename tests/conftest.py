@@ -46,6 +46,21 @@ def nano_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory) -> Path:
+    """A nano demo-world Llama with the action tokens, saved as the SFT stage would leave it."""
+    from rlhf.policy import add_special_tokens, load_tokenizer
+    from rlhf.world import build_tiny_lm
+
+    path = tmp_path_factory.mktemp("policy")
+    tok = load_tokenizer(str(TOKENIZER_DIR))
+    model = build_tiny_lm(tok, "nano", seed=0)
+    add_special_tokens(model, tok, ["<add>", "<review>"])
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def kill_and_resume():
     """`run(args, out) -> text`: start `rlhf <args> output_dir=<out>` in a subprocess, SIGKILL it as soon as its first
     checkpoint appears, check the killed stage does not look complete, then rerun the same command to the end and

@@ -124,21 +124,6 @@ def test_long_responses_are_cut_and_overlong_prompts_dropped(nano_model_dir, tok
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory, tokenizer):
-    """A nano Llama with the action tokens, saved as the SFT stage would leave it."""
-    from rlhf.policy import add_special_tokens
-    from rlhf.world import build_tiny_lm
-
-    path = tmp_path_factory.mktemp("dpo-policy")
-    tok = type(tokenizer).from_pretrained(str(ROOT / "data/demo/tokenizer"))
-    model = build_tiny_lm(tok, "nano", seed=0)
-    add_special_tokens(model, tok, ["<add>", "<review>"])
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     """Review pairs of 6 prompts in the reward stage's format (some ties), plus 4 held-out gold prompts."""
     d = tmp_path_factory.mktemp("dpo-data")

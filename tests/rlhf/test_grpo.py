@@ -35,21 +35,6 @@ def prompts_file(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory, tokenizer):
-    """A nano Llama with the action tokens, saved (as the SFT stage would leave it)."""
-    from rlhf.policy import add_special_tokens
-    from rlhf.world import build_tiny_lm
-
-    path = tmp_path_factory.mktemp("grpo-policy")
-    tok = type(tokenizer).from_pretrained(str(ROOT / "data/demo/tokenizer"))
-    model = build_tiny_lm(tok, "nano", seed=0)
-    add_special_tokens(model, tok, ["<add>", "<review>"])
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _cfg(tmp_path, policy_dir, prompts_file, **overrides):
     # a length-based rule as well, so that rewards vary inside groups even for an untrained policy
     rewards = [{"name": "correct", "rule": "verifiable"},

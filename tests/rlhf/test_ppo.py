@@ -78,21 +78,6 @@ def prompts_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    """A nano Llama with the action tokens, saved (as the SFT stage would leave it)."""
-    from rlhf.policy import add_special_tokens, load_tokenizer
-    from rlhf.world import build_tiny_lm
-
-    path = tmp_path_factory.mktemp("ppo-policy")
-    tok = load_tokenizer(str(ROOT / "data/demo/tokenizer"))
-    model = build_tiny_lm(tok, "nano", seed=0)
-    add_special_tokens(model, tok, ["<add>", "<review>"])
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory, policy_dir):
     """A nano decoder reward model on the policy's tokenizer, random weights, with stored score statistics (the
     shape of the reward stage's output: AutoModelForSequenceClassification, num_labels=1)."""
