@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,7 +19,7 @@ from torch import nn
 from rlhf.config import LoraSettings, ModelSettings
 from rlhf.data import encode_prompt
 from rlhf.errors import UserError
-from rlhf.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_mask_from_ids
+from rlhf.ops import entropy_from_logits, logprobs_from_logits, response_mask_from_ids
 from rlhf.types import ForwardOut, Rollout
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -288,16 +288,20 @@ class PolicyModel:
     def reference(self) -> Iterator["PolicyModel"]:
         """The frozen reference policy, as a PolicyModel, for the duration of the block (no grad).
 
-        With LoRA this is the same module with adapters disabled, so no second copy of the weights exists.
+        With LoRA this is the same module with adapters disabled, so no second copy of the weights exists. It runs in
+        eval mode either way (no dropout): the reference is a fixed function, whatever mode training left it in.
         """
         if self.is_lora:
             # peft re-enables the adapters through `set_adapter`, which freezes every adapter but the active one:
             # restore the flags so that a second trainable adapter (`add_adapter`, e.g. a critic) stays trainable
             flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            was_training = self.model.training
+            self.model.eval()
             try:
                 with torch.no_grad(), self.model.disable_adapter():
                     yield PolicyModel(self.model, self.tokenizer)
             finally:
+                self.model.train(was_training)
                 for p, flag in flags:
                     p.requires_grad_(flag)
         elif self.ref_model is not None:
@@ -347,59 +351,20 @@ class PolicyModel:
         `backend`: "fast" (`rlhf.generation`: each prompt prefilled once for its n samples, a fixed-shape KV-cache
         decode loop) or "hf" (`model.generate`); None = `rlhf.generation.default_backend()`. A model the fast sampler
         does not support falls back to "hf" with one warning. `bf16` (fast only): weights and KV cache in bfloat16.
+        `rlhf.generation.generate` does the sampling and also returns the call's statistics.
         """
-        from transformers import GenerationConfig
-
         from rlhf import generation
 
-        backend = backend or generation.default_backend()
-        if backend not in generation.BACKENDS:
-            raise ValueError(f"unknown sampling backend {backend!r}; expected one of {', '.join(generation.BACKENDS)}")
-        if backend == "fast" and (reason := generation.unsupported_reason(self.model)) is not None:
-            generation.warn_once(f"fast sampling does not support this model ({reason}); using Hugging Face's generate")
-            backend = "hf"
-        if bf16 and backend == "hf":
-            generation.warn_once("bf16 sampling needs the fast sampling backend; sampling in the model's own dtype")
-        prompt_ids, prompt_mask = self.encode_prompts(prompts)
-        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        if backend == "fast":
-            distinct_ids, distinct_mask = prompt_ids, prompt_mask  # prefilled once, shared by their n samples
-        prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None,
-            top_k=top_k if not greedy else None,  # 0 disables top-k (transformers' default would be 50)
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id,
+        ids, mask = self.encode_prompts(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        tok = self.tokenizer
+        response, _ = generation.generate(
+            self.model, ids, mask, n=n, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, greedy=greedy, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, first_prompt=first_prompt, backend=backend, bf16=bf16,
         )
-        devices = [self.device] if self.device.type == "cuda" else []
-        rng = torch.random.fork_rng(devices=devices) if seed is not None else nullcontext()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with rng:
-                if seed is not None:
-                    torch.manual_seed(seed)
-                if backend == "fast":
-                    response = generation.sample(
-                        self.model, distinct_ids, distinct_mask, n=n, max_new_tokens=max_new_tokens,
-                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                        greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, bf16=bf16,
-                        uniforms=None if seed is None or greedy else
-                        generation.prompt_uniforms(seed, first_prompt, len(prompts), n, max_new_tokens).to(self.device),
-                    )
-                else:
-                    out = self.model.generate(
-                        input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config
-                    )
-                    response = out[:, prompt_ids.size(1):]
-        finally:
-            self.model.train(was_training)
-        return self.rollout_from_ids(prompt_ids, prompt_mask, response, prompts, n)
+        return self.rollout_from_ids(ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), response,
+                                     prompts, n)
 
     def rollout_from_ids(self, prompt_ids, prompt_mask, response_ids, prompts: Sequence[str], n: int = 1) -> Rollout:
         """Mask, measure and decode raw generated ids (B, T) into a Rollout."""
@@ -439,13 +404,9 @@ class PolicyModel:
         left padding does not change the result. Values are read at the same positions: the value of the state
         before each response token.
         """
-        input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
-        attention_mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1).long()
         t = rollout.response_ids.size(1)
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            **rollout.model_inputs(),
             logits_to_keep=t + 1,
             output_hidden_states=with_values,
             use_cache=False,
