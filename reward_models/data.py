@@ -341,6 +341,20 @@ def group_by_prompt(pairs: list[PreferencePair]) -> list[list[int]]:
     return groups
 
 
+def split_by_prompt(pairs: list[PreferencePair], fraction: float, seed: int,
+                    source: str = "pairs") -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held out): whole prompt groups (`group_by_prompt`) held out, `fraction` of them (at least one) in a
+    seeded order. The reward and DPO stages both split this way, so the same seed and fraction hold out the same
+    pairs and their held-out accuracies compare."""
+    groups = group_by_prompt(pairs)
+    if len(groups) < 2:
+        raise UserError(f"{source}: all pairs share one prompt, so none can be held out by prompt; "
+                        "pass held-out pairs as data.eval")
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {i for g in order[: max(1, int(len(groups) * fraction))] for i in groups[g]}
+    return ([p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out])
+
+
 def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One right-padded batch of the *distinct* sequences of `batch`, so each response is scored once however many
     pairs it is in (TRL's `DataCollatorForPreference` stacks chosen then rejected; with no repeated response this is

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import Record, load_prompts
-from rlhf.distributed import check_engine, make_accelerator, reduce_metrics, sync_unless_last
+from rlhf.distributed import check_engine, global_normalizer, make_accelerator, reduce_metrics, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.losses import lm_loss
 from rlhf.stage import StageContext
@@ -31,7 +31,7 @@ from rlhf.tracking import progress
 from rlhf.training import (
     end_of_step, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes, resume_state,
 )
-from reward_models.data import collate_pairs, group_by_prompt, load_preferences, tokenize_pairs
+from reward_models.data import collate_pairs, group_by_prompt, load_preferences, split_by_prompt, tokenize_pairs
 from reward_models.evaluation import evaluate_pairs, plot_score_histogram
 from reward_models.losses import bradley_terry_loss
 from reward_models.model import RewardModel
@@ -140,15 +140,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     if cfg.data.eval is not None:
         eval_pairs = load_preferences(cfg.data.eval, tokenizer)
     else:  # hold out whole prompts: pairs of one prompt may share responses
-        groups = group_by_prompt(pairs)
-        if len(groups) < 2:
-            raise UserError(f"{train_source}: all pairs share one prompt, so none can be held out by prompt; "
-                            "pass held-out pairs as data.eval")
-        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = max(1, int(len(groups) * cfg.data.eval_fraction))
-        held_out = {i for g in order[:n_eval] for i in groups[g]}
-        eval_pairs = [p for i, p in enumerate(pairs) if i in held_out]
-        pairs = [p for i, p in enumerate(pairs) if i not in held_out]
+        pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, cfg.seed, source=train_source)
     if not cfg.loss.use_margin:
         for p in pairs:
             p.margin = 0.0
@@ -197,10 +189,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         micro = [batch_for(step * cfg.train.grad_accum + m) for m in range(cfg.train.grad_accum)]
         # global denominators (all micro-batches and processes): pairs for the BT loss, chosen tokens for the LM
         # loss, so accumulation equals one big batch even when micro-batches hold different numbers of pairs
-        n_pairs = accelerator.reduce(sum(torch.tensor(float(len(b["label"]))) for b in micro), "sum")
-        lm_tokens = sum(b["attention_mask"][: int(b["lm_rows"])].sum() for b in micro)
-        lm_normalizer = accelerator.reduce(lm_tokens, "sum") / accelerator.num_processes
-        pair_normalizer = (n_pairs / accelerator.num_processes).item()
+        pair_normalizer = global_normalizer(accelerator, sum(float(len(b["label"])) for b in micro)).item()
+        lm_normalizer = global_normalizer(accelerator, sum(b["attention_mask"][: int(b["lm_rows"])].sum() for b in micro))
         totals: dict[str, float] = {}
         for i, batch in enumerate(micro):
             share = len(batch["label"]) / pair_normalizer  # this micro-batch's part of the mean over pairs
