@@ -179,15 +179,21 @@ def _require_messages(record: Record, name: str) -> list[dict]:
     return messages
 
 
-def load_rl_prompts(source: str | Path, tasks: list[str] | None, limit: int | None, tokenizer) -> list[Record]:
-    """Prompt records for an RL stage: only `tasks` (when given), at most `limit`, with `prompt` as text (chat-message
-    prompts rendered through the tokenizer's template)."""
+def load_task_prompts(source: str | Path, tasks: list[str] | None, limit: int | None) -> list[Record]:
+    """Prompt records of `tasks` only (when given; none left is an error), the first `limit` of them, `prompt` as
+    stored: the task filter is applied before the limit, so `limit` counts prompts of those tasks."""
     records = load_prompts(source)
     if tasks is not None:
         records = [r for r in records if r.get("task") in tasks]
         if not records:
             raise UserError(f"{source}: no prompt has a task in {tasks}")
-    records = records[:limit]
+    return records[:limit]
+
+
+def load_rl_prompts(source: str | Path, tasks: list[str] | None, limit: int | None, tokenizer) -> list[Record]:
+    """Prompt records for an RL stage (`load_task_prompts`), with `prompt` as text (chat-message prompts rendered
+    through the tokenizer's template)."""
+    records = load_task_prompts(source, tasks, limit)
     for r in records:
         r["prompt"] = prompt_text(r, tokenizer)
     return records

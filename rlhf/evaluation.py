@@ -1,9 +1,9 @@
 """Gold-scored evaluation of a policy on held-out prompts: greedy, and optionally sampled (n per prompt at a
 temperature), with per-prompt scores so two models can be compared with paired-bootstrap confidence intervals.
 
-Scoring goes through a `ScoreFn`: by default the demo world's gold scorers (records whose `task` is a world task);
-an RL stage on a user's own prompts passes its scoring interface (rules and/or reward models) instead, so `eval/...`
-is logged for any prompts, not only the demo world's.
+Scoring goes through a `ScoreFn` the caller passes: a scoring interface (rules and/or reward models, through
+`scorer_score_fn`), or the demo world's gold scorers (`rlhf.world.gold_score_fn`), so `eval/...` is logged for any
+prompts, not only the demo world's.
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ from rlhf.distributed import map_over_processes
 # maps a name to one more score per completion (e.g. "rm_score": the training reward next to the gold score)
 ScoreFn = Callable[[Sequence[str], Sequence[str], Sequence[dict], Sequence[bool]],
                    "Sequence[float] | tuple[Sequence[float], dict[str, Sequence[float]]]"]
-
-
-def world_gold_scores(prompts, completions, records, ended) -> list[float]:
-    """The demo world's hidden gold scorers (exact answer for `add`, the rubric for `review`)."""
-    from rlhf.world import gold_scores
-
-    return gold_scores([r["task"] for r in records], prompts, completions, [r.get("meta") or {} for r in records])
 
 
 def scorer_score_fn(gold, train=None) -> ScoreFn:
@@ -61,24 +54,16 @@ class PromptScores:
 
 
 @torch.no_grad()
-def score_prompts(policy, records: list[Record], generation: GenerationSettings | None = None,
-                  score_fn: ScoreFn | None = None, seed: int = 0, group_by: Sequence[str] = (),
-                  accelerator=None) -> PromptScores:
+def score_prompts(policy, records: list[Record], generation: GenerationSettings, score_fn: ScoreFn, seed: int = 0,
+                  group_by: Sequence[str] = (), accelerator=None) -> PromptScores:
     """Greedy-decode (and, with `generation.samples` > 0, sample) every record's prompt and score the completions.
 
-    Without `score_fn` only records of demo-world tasks are kept and scored by the world's gold scorers. Rows are
-    grouped by `record["task"]` when present (else "all"), and further by the dotted record fields in `group_by`
-    (e.g. `["meta.format"]`: "add/direct", "add/reason"). Each prompt's samples are seeded by `seed` and its
-    position, so the scores are a function of the weights and `seed`, whatever the batching. With an `accelerator`
-    of several processes, every process must call this: each scores its share of the batches and all get the
-    whole result.
+    Rows are grouped by `record["task"]` when present (else "all"), and further by the dotted record fields in
+    `group_by` (e.g. `["meta.format"]`: "add/direct", "add/reason"). Each prompt's samples are seeded by `seed` and
+    its position, so the scores are a function of the weights and `seed`, whatever the batching. With an
+    `accelerator` of several processes, every process must call this: each scores its share of the batches and all
+    get the whole result.
     """
-    generation = generation or GenerationSettings()
-    if score_fn is None:
-        from rlhf.world import TASKS
-
-        records = [r for r in records if r.get("task") in TASKS]
-        score_fn = world_gold_scores
     tasks = [str(r.get("task") or "all") for r in records]
     groups = ["/".join([t] + [str(v) for key in group_by if (v := _dotted(r, key)) is not None]) for t, r in zip(tasks, records)]
     parts = map_over_processes(lambda start: _score_batch(policy, records, start, generation, score_fn, seed),
@@ -161,8 +146,8 @@ def summarize(scores: PromptScores, k: int | None = None) -> dict[str, float]:
     return metrics
 
 
-def evaluate_gold(policy, records: list[Record], generation: GenerationSettings | None = None,
-                  score_fn: ScoreFn | None = None, seed: int = 0, accelerator=None) -> dict[str, float]:
+def evaluate_gold(policy, records: list[Record], generation: GenerationSettings, score_fn: ScoreFn, seed: int = 0,
+                  accelerator=None) -> dict[str, float]:
     """`summarize(score_prompts(...))`: the metrics every stage logs as `eval/...` ({} when nothing is scored).
     With an `accelerator`, the prompts are split over its processes (every process must call this)."""
     return summarize(score_prompts(policy, records, generation, score_fn, seed, accelerator=accelerator))

@@ -12,6 +12,11 @@ from rlhf.errors import UserError
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
 
+# what a comparison writes in its output_dir besides the runs (the runner writes them, the report reads them)
+PLAN_FILE = "runs.json"  # the plan and each run's last outcome: the report lists every planned run from it
+COMPLETIONS_FILE = "completions.json"  # greedy completions of each algorithm on the same held-out prompts
+BASE_EVAL_FILE = "base_eval.json"  # the base checkpoint's held-out gold and RM scores: every curve's point at 0 samples
+
 
 class AlgorithmSpec(Section):
     """One algorithm of the comparison: a stage kind, its YAML, and what differs from that YAML."""

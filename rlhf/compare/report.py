@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import stage as stage_dir
-from rlhf.compare.runner import BASE_EVAL_FILE, COMPLETIONS_FILE, PLAN_FILE
+from rlhf.compare.config import BASE_EVAL_FILE, COMPLETIONS_FILE, PLAN_FILE
 from rlhf.tracking import METRICS_FILE
 
 REPORT_DIR = "report"

@@ -31,13 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import stage as stage_dir
-from rlhf.compare.config import CompareConfig, load_compare
+from rlhf.compare.config import BASE_EVAL_FILE, COMPLETIONS_FILE, PLAN_FILE, CompareConfig, load_compare
+from rlhf.compare.report import write_report
 from rlhf.config import StageConfig, load_config, nearest_key, valid_keys
 from rlhf.errors import UserError
-
-PLAN_FILE = "runs.json"  # the plan and each run's last outcome: the report lists every planned run from it
-COMPLETIONS_FILE = "completions.json"  # greedy completions of each algorithm on the same held-out prompts
-BASE_EVAL_FILE = "base_eval.json"  # the base checkpoint's held-out gold and RM scores: every curve's point at 0 samples
 
 
 @dataclass
@@ -293,8 +290,6 @@ def run_comparison(path: str, overrides: list[str] | None = None, *, report_only
             extra(cfg, runs)
         except Exception as exc:  # the report is still worth writing without them
             print(f"[compare] warning: {extra.__name__} skipped ({type(exc).__name__}: {exc})")
-    from rlhf.compare.report import write_report
-
     report = write_report(out)
     statuses = {r["name"]: r["status"] for r in report["runs"]}
     failed = [name for name, status in statuses.items() if status != "complete"]
@@ -437,23 +432,15 @@ def base_evaluation(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | None:
     if out.is_file() and json.loads(out.read_text()).get("key") == key:
         return out
     from rlhf.config import ModelSettings
-    from rlhf.data import prompt_text
-    from rlhf.evaluation import evaluate_gold
+    from rlhf.data import load_rl_prompts
+    from rlhf.evaluation import evaluate_gold, scorer_score_fn
     from rlhf.policy import PolicyModel
 
     policy = PolicyModel.load(ModelSettings(path=cfg.base))
-    records = _records(ref.cfg, None)
-    for r in records:
-        r["prompt"] = prompt_text(r, policy.tokenizer)
+    ev = ref.cfg.eval
+    records = load_rl_prompts(ev.prompts, ev.tasks, ev.limit, policy.tokenizer)
     gold, train = _scorers(ref.cfg)
-
-    def score(prompts, completions, rows, ended):
-        rm = train.score(prompts, completions, rows, ended=ended).total.tolist()
-        if gold is None:
-            return rm
-        return gold.score(prompts, completions, rows, ended=ended).total.tolist(), {"rm_score": rm}
-
-    metrics = evaluate_gold(policy, records, ref.cfg.eval.generation, score, seed=ref.seed)
+    metrics = evaluate_gold(policy, records, ev.generation, scorer_score_fn(gold or train, train), seed=ref.seed)
     out.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))
     return out
 
@@ -480,13 +467,16 @@ def side_by_side_completions(cfg: CompareConfig, runs: list[PlannedRun]) -> Path
             chosen[run.arm] = run
     if not chosen:
         return None
-    records = _records(reference.cfg, None)
+    from rlhf.data import load_task_prompts
+
+    ev = reference.cfg.eval
+    records = load_task_prompts(ev.prompts, ev.tasks, ev.limit)
     records = records[:: max(1, len(records) // cfg.eval.completions)][: cfg.eval.completions]  # spread over the set
     if not records:
         return None
     prompts = [r["prompt"] for r in records]
     gold, train = _scorers(reference.cfg)
-    max_new = reference.cfg.eval.generation.max_new_tokens
+    max_new = ev.generation.max_new_tokens
     columns = []
     old = {(c["arm"], c.get("fingerprint")): c for c in cached.get("columns", []) if cached.get("prompts") == prompts}
     for label, model_dir, fingerprint in [("base (SFT)", cfg.base, _dir_fingerprint(cfg.base))] + [
@@ -509,18 +499,8 @@ def _dir_fingerprint(path: str) -> str | None:
                                            if Path(path, "model.safetensors").exists() else None)
 
 
-def _records(stage_cfg, limit: int | None) -> list[dict]:
-    """The held-out prompt records of a run's config (its eval.tasks and eval.limit applied), at most `limit`."""
-    from rlhf.data import load_prompts
-
-    ev = stage_cfg.eval
-    records = load_prompts(ev.prompts)
-    if ev.tasks is not None:
-        records = [r for r in records if r.get("task") in ev.tasks]
-    return records[: min(x for x in (limit, ev.limit, len(records)) if x is not None)]
-
-
 def _scorers(stage_cfg):
+    """(the gold scorer of `eval.rewards`, or None when the runs evaluate with their training reward; that reward)."""
     from reward_models.scoring import Scorer
 
     train = Scorer(stage_cfg.rewards)
@@ -529,18 +509,26 @@ def _scorers(stage_cfg):
 
 
 def _generate_and_score(model_dir: str, records: list[dict], max_new_tokens: int, gold, train) -> list[dict]:
-    import torch
-
-    from rlhf.config import ModelSettings
+    """One model's greedy completion of each record, with its gold score (`gold`, else the training reward) and its
+    training-reward score."""
+    from rlhf.config import GenerationSettings, ModelSettings
     from rlhf.data import prompt_text
+    from rlhf.evaluation import score_prompts, scorer_score_fn
+    from rlhf.generation import default_backend
     from rlhf.policy import PolicyModel
 
     policy = PolicyModel.load(ModelSettings(path=str(model_dir)))
-    prompts = [prompt_text(r, policy.tokenizer) for r in records]
-    with torch.no_grad():
-        rollout = policy.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
-    ended = rollout.ended.tolist()
-    rm = train.score(rollout.prompts, rollout.completions, records, ended=ended).total.tolist()
-    gs = gold.score(rollout.prompts, rollout.completions, records, ended=ended).total.tolist() if gold else rm
-    return [{"completion": c, "gold": round(float(g), 4), "rm": round(float(r), 4), "ended": bool(e)}
-            for c, g, r, e in zip(rollout.completions, gs, rm, ended)]
+    rows = [{**r, "prompt": prompt_text(r, policy.tokenizer)} for r in records]  # each model with its own tokenizer
+    score, completions = scorer_score_fn(gold or train, train), []
+
+    def score_and_keep(prompts, texts, batch, ended):  # the table shows the completions beside their scores
+        completions.extend(texts)
+        return score(prompts, texts, batch, ended)
+
+    # all prompts in one generate call on `PolicyModel.generate`'s default sampler: a cached column of an unchanged
+    # model (see the caller) and a fresh one are then decoded alike
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=len(rows), backend=default_backend())
+    scores = score_prompts(policy, rows, settings, score_and_keep)
+    rm = scores.extras.get("rm_score", scores.greedy)
+    return [{"completion": c, "gold": round(g, 4), "rm": round(r, 4), "ended": e}
+            for c, g, r, e in zip(completions, scores.greedy, rm, scores.ended)]

@@ -43,6 +43,7 @@ from rlhf.training import (
     end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.types import Rollout
+from rlhf.world import gold_score_fn, gold_task_records
 from reward_models.data import PreferencePair, group_by_prompt, load_preferences
 
 REF_LOGPS_FILE = "ref_logps.pt"  # precomputed reference log-probs, (N, 2) per split, kept in the stage directory
@@ -146,6 +147,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     gold_prompts = load_prompts(cfg.eval.gold_prompts, cfg.eval.gold_limit) if cfg.eval.gold_prompts else []
     for r in gold_prompts:
         r["prompt"] = prompt_text(r, tokenizer)
+    gold_prompts = gold_task_records(gold_prompts)  # the gold judge scores prompts of the demo world's tasks
     pad = tokenizer.pad_token_id
 
     # 4. reference log-probs of every pair, once (kept in the stage directory, so a resumed run reuses them) --------
@@ -178,8 +180,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         model.eval()
         metrics = evaluate_pairs(policy, eval_set, cfg, reference_for, accelerator.device)
         if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
-            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.eval.generation, seed=cfg.seed,
-                                          accelerator=accelerator))
+            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.eval.generation,
+                                         gold_score_fn, seed=cfg.seed, accelerator=accelerator))
         model.train()
         return metrics
 

@@ -17,6 +17,7 @@ from rlhf.data import load_prompts
 from rlhf.evaluation import format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
+from rlhf.world import gold_score_fn, gold_task_records
 from reward_models.scoring import RewardComponent, Scorer
 
 
@@ -38,7 +39,10 @@ class Config(StageConfig):
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. prompts and the scorer ------------------------------------------------------------------------------------
     prompts = load_prompts(cfg.prompts, cfg.limit)
-    score_fn = scorer_score_fn(Scorer(cfg.rewards)) if cfg.rewards else None
+    if cfg.rewards:
+        score_fn = scorer_score_fn(Scorer(cfg.rewards))
+    else:  # the demo world's gold judge, on the prompts of its own tasks
+        prompts, score_fn = gold_task_records(prompts), gold_score_fn
     if cfg.baseline is not None and cfg.baseline not in cfg.models:
         raise UserError(f"config key 'baseline': '{cfg.baseline}' is not one of the models ({', '.join(cfg.models)})")
 

@@ -22,6 +22,7 @@ from rlhf.training import (
     end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.tracking import progress
+from rlhf.world import gold_score_fn, gold_task_records
 
 
 class SFTData(Section):
@@ -77,6 +78,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     train_set, _ = tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.skip_overlong_prompts)
     eval_set = tokenize_sft(eval_records, tokenizer, cfg.data.max_length, True)[0] if eval_records else []
     gold_prompts = load_prompts(cfg.data.gold_prompts, cfg.data.gold_limit) if cfg.data.gold_prompts else []
+    gold_prompts = gold_task_records(gold_prompts)  # the gold judge scores prompts of the demo world's tasks
 
     # 4. optimizer and schedule, prepared by accelerate (DDP / FSDP / mixed precision when launched so) ----------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
@@ -99,7 +101,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         if eval_set:
             metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device)
         if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
-            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.generation, accelerator=accelerator))
+            metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.generation, gold_score_fn,
+                                         accelerator=accelerator))
         model.train()
         return metrics
 

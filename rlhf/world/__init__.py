@@ -4,7 +4,8 @@ simulated annotators — everything the RLHF pipeline needs to run offline on a 
 Public API (other modules code against exactly these names):
 
 - ``ACTION_TOKENS``, ``TASKS`` — the task-selecting special tokens ``["<add>", "<review>"]`` and ``("add", "review")``
-- ``gold_score`` / ``gold_scores`` — the hidden deterministic judge
+- ``gold_score`` / ``gold_scores`` — the hidden deterministic judge; ``gold_score_fn`` (the judge as an evaluation
+  score function) and ``gold_task_records`` (the records it can judge) for the engine's gold evaluation
 - ``train_tokenizer`` — byte-level BPE, one token per digit, ``<pad> <bos> <eos> <unk>``, chat template
 - ``build_tiny_lm`` / ``MODEL_SIZES`` — a Llama-style causal LM from a config ("nano", "tiny", "small")
 - ``SimulatedAnnotator`` — Bradley-Terry-noisy pairwise preferences from the gold score
@@ -14,7 +15,7 @@ Data files are written by ``python -m rlhf.world.generate_data --out data/demo``
 
 from rlhf.world.annotators import SimulatedAnnotator
 from rlhf.world.model import MODEL_SIZES, build_tiny_lm
-from rlhf.world.tasks import ACTION_TOKENS, TASKS, gold_score, gold_scores
+from rlhf.world.tasks import ACTION_TOKENS, TASKS, gold_score, gold_score_fn, gold_scores, gold_task_records
 from rlhf.world.tokenizer import train_tokenizer
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "TASKS",
     "gold_score",
     "gold_scores",
+    "gold_score_fn",
+    "gold_task_records",
     "train_tokenizer",
     "build_tiny_lm",
     "MODEL_SIZES",

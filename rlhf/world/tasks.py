@@ -46,3 +46,15 @@ def gold_scores(
             f"completions={len(completions)} metas={len(metas)}"
         )
     return [gold_score(t, p, c, m) for t, p, c, m in zip(tasks, prompts, completions, metas)]
+
+
+def gold_score_fn(prompts: Sequence[str], completions: Sequence[str], records: Sequence[dict],
+                  ended: Sequence[bool]) -> list[float]:
+    """:func:`gold_scores` as an evaluation score function (``rlhf.evaluation.ScoreFn``): the task and ``meta`` come
+    from each completion's prompt record; ``ended`` is not used (the judge reads only the text)."""
+    return gold_scores([r["task"] for r in records], prompts, completions, [r.get("meta") or {} for r in records])
+
+
+def gold_task_records(records: Sequence[dict]) -> list:
+    """The records the gold judge can score: those whose ``task`` is a world task (others are left out)."""
+    return [r for r in records if r.get("task") in TASKS]
