@@ -226,7 +226,7 @@ class MetricSums:
     """A step's update metrics, summed over micro-batches and optimizer updates (minibatches).
 
     A micro-batch's loss is its share of the minibatch loss (one global normalizer), so `loss/` terms add up over a
-    minibatch's micro-batches; any other term (a rate: clip fraction, entropy...) is averaged over them. `add` the
+    minibatch's micro-batches; any other term (a rate: clip fraction, entropy...) is averaged over them, weighted. `add` the
     stats of each micro-batch, `end_minibatch` after each optimizer update; `means()` then gives each term's mean
     over the step's updates and `first` the first update's terms (ratio 1 and approx-KL 0 there: a sanity check).
     """
@@ -237,11 +237,11 @@ class MetricSums:
         self.first: dict[str, float] | None = None
         self.updates = 0
 
-    def add(self, stats: dict, micro_batches: int) -> None:
-        """One micro-batch's stats, out of the minibatch's `micro_batches`."""
+    def add(self, stats: dict, share: float) -> None:
+        """One micro-batch's stats; `share`: its weight in the minibatch's averages (1 / micro-batches, or its share
+        of the pairs)."""
         for key, value in stats.items():
-            share = 1.0 if key.startswith("loss/") else 1.0 / micro_batches
-            self.current[key] = self.current.get(key, 0.0) + float(value) * share
+            self.current[key] = self.current.get(key, 0.0) + float(value) * (1.0 if key.startswith("loss/") else share)
 
     def end_minibatch(self, extra: dict | None = None) -> dict[str, float]:
         """Close the open minibatch (plus per-update values in `extra`, e.g. the gradient norm); return its terms."""

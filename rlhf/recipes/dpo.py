@@ -32,7 +32,9 @@ from pydantic import Field
 
 from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import encode_prompt, load_prompts, prompt_text
-from rlhf.distributed import check_engine, make_accelerator, map_over_processes, sync_unless_last
+from rlhf.distributed import (
+    check_engine, global_normalizer, make_accelerator, map_over_processes, prepare_reference, sync_unless_last,
+)
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import aggregate, dpo_loss
@@ -40,11 +42,12 @@ from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
+    MetricSums, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    resume_state,
 )
 from rlhf.types import Rollout
 from rlhf.world import gold_score_fn, gold_task_records
-from reward_models.data import PreferencePair, group_by_prompt, load_preferences
+from reward_models.data import PreferencePair, load_preferences, split_by_prompt
 
 REF_LOGPS_FILE = "ref_logps.pt"  # precomputed reference log-probs, (N, 2) per split, kept in the stage directory
 
@@ -150,20 +153,22 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     gold_prompts = gold_task_records(gold_prompts)  # the gold judge scores prompts of the demo world's tasks
     pad = tokenizer.pad_token_id
 
-    # 4. reference log-probs of every pair, once (kept in the stage directory, so a resumed run reuses them) --------
+    # 4. optimizer and schedule, prepared by accelerate; the reference copy runs under the policy's precision --------
+    optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
+    prepare_reference(accelerator, policy)
+    model = policy.model
+
+    # 5. reference log-probs of every pair, once (kept in the stage directory, so a resumed run reuses them) --------
     ref_logps: dict[str, torch.Tensor] = {}
     once: dict[str, float] = {}  # logged with the first step of this attempt
     if cfg.precompute_ref:
         started = time.perf_counter()
-        ref_logps = _precomputed_reference(policy, {"train": train_set, "eval": eval_set}, cfg, ctx, accelerator)
+        ref_logps = _precomputed_reference(policy.unwrapped(accelerator), {"train": train_set, "eval": eval_set}, cfg,
+                                           ctx, accelerator)
         once["perf/precompute_ref_seconds"] = time.perf_counter() - started
         policy.ref_model = None  # the copy is no longer needed (LoRA keeps no copy anyway)
-
-    # 5. optimizer and schedule, prepared by accelerate ------------------------------------------------------------
-    optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
-    model = policy.model
 
     # 6. resume: weights, optimizer, scheduler and RNG; the pair order is a function of the step ----------------------
     start, counters, timer = resume_state(accelerator, ctx)
@@ -197,11 +202,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         # global denominators over every micro-batch (and process): pairs for the preference loss, chosen tokens for
         # the SFT term, so that accumulation equals one big batch
         n = accelerator.num_processes
-        pair_normalizer = accelerator.reduce(torch.tensor(float(sum(len(i) for i, _ in micro)), device=accelerator.device),
-                                             "sum") / n
-        chosen_tokens = sum(r.response_mask[: len(i)].sum() for i, r in micro).float()
-        token_normalizer = accelerator.reduce(chosen_tokens.to(accelerator.device), "sum") / n
-        sums: dict[str, float] = {}
+        pair_normalizer = global_normalizer(accelerator, float(sum(len(i) for i, _ in micro)))
+        token_normalizer = global_normalizer(accelerator, sum(r.response_mask[: len(i)].sum() for i, r in micro).float())
+        sums = MetricSums()
         ref_seconds = 0.0
         for k, (idx, rollout) in enumerate(micro):
             share = len(idx) / float(pair_normalizer)  # this micro-batch's part of the means over pairs
@@ -212,16 +215,16 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 loss, stats = _pair_loss(policy, rollout, ref, [train_set[i] for i in idx], cfg, pair_normalizer,
                                          token_normalizer)
                 accelerator.backward(loss)
-            for key, value in stats.items():
-                # loss terms already carry the global normalizer (sum the shares); means over pairs are weighted
-                sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key.startswith("loss/") else share)
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, loss=sums["loss/total"])
+            sums.add(stats, share)  # means over pairs are weighted by the micro-batch's pairs
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm,
+                                   loss=sums.current["loss/total"])
+        sums.end_minibatch({"train/grad_norm": grad_norm})
 
         tokens = int(sum(torch.cat([r.prompt_mask, r.response_mask], 1).sum() for _, r in micro)) * n
         counters["samples"] += int(pair_normalizer.item() * n)  # progress/samples counts preference pairs seen
         counters["tokens"] += tokens
-        step_metrics = {**sums, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                        "perf/reference_seconds": ref_seconds, **once}
+        step_metrics = {**sums.means(), "train/lr": scheduler.get_last_lr()[0], "perf/reference_seconds": ref_seconds,
+                        **once}
         once = {}
         end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, evaluate=evaluate,
                     metrics=step_metrics)
@@ -243,14 +246,7 @@ def _pairs(cfg: Config, tokenizer) -> tuple[list[PreferencePair], list[Preferenc
     if cfg.data.eval is not None:
         eval_pairs = load_preferences(cfg.data.eval, tokenizer)
     else:  # the reward stage's split: whole prompts (pairs of one prompt share responses), same permutation
-        groups = group_by_prompt(pairs)
-        if len(groups) < 2:
-            raise UserError(f"{cfg.data.train}: all pairs share one prompt, so none can be held out by prompt; "
-                            "pass held-out pairs as data.eval")
-        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held_out = {i for g in order[: max(1, int(len(groups) * cfg.data.eval_fraction))] for i in groups[g]}
-        eval_pairs = [p for i, p in enumerate(pairs) if i in held_out]
-        pairs = [p for i, p in enumerate(pairs) if i not in held_out]
+        pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, cfg.seed, source=cfg.data.train)
     ties = [p for p in pairs + eval_pairs if p.tie]
     if ties and cfg.data.ties == "error":
         raise UserError(f"{cfg.data.train}: {len(ties)} pair(s) are ties (first: {ties[0].origin}); DPO has no loss "

@@ -177,7 +177,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                         accelerator.backward(loss)
                     if epoch == 0 and beta_on and seq_kl is None:
                         row_kl[rows] = kl_k1(old, part.ref_logprobs, part.response_mask).sum(-1)
-                    sums.add(stats, len(micro))
+                    sums.add(stats, 1 / len(micro))
                 norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm,
                                       loss=sums.current.get("loss/total"))
                 sums.end_minibatch({"train/grad_norm": norm})

@@ -216,7 +216,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 for i, rows in enumerate(micro):
                     with accelerator.autocast(), sync_unless_last(accelerator, modules, i, len(micro)):
                         sums.add(_micro_batch_update(cfg, policy, critic, exp.select(rows), normalizer, beta, policy_on,
-                                                     accelerator.backward), len(micro))
+                                                     accelerator.backward), 1 / len(micro))
                 if not policy_on:  # warm-up: only the critic's weights move (a shared trunk stays as it is)
                     for p in policy_params:
                         p.grad = None

@@ -240,3 +240,13 @@ def test_sigkill_mid_stage_resumes_to_the_same_final_metrics(tmp_path, kill_and_
     assert read_manifest(out)["metrics"] == pytest.approx(reference, rel=1e-5, abs=1e-6)
     steps = [r["step"] for r in read_metrics(out) if "perf/reference_seconds" in r]
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_bf16_reference_runs_like_the_policy_so_the_first_implicit_rewards_are_zero(tmp_path, policy_dir, pairs_file,
+                                                                                    precompute):
+    # policy = reference at the first step: β·log π/π_ref is 0 for every response when both run under bf16 autocast
+    run_stage("dpo", _cfg(tmp_path, policy_dir, pairs_file, **{"train.precision": "bf16", "train.max_steps": 1,
+                                                               "precompute_ref": precompute, "eval.gold_prompts": None}))
+    row = _train_rows(tmp_path / "out")[0]
+    assert row["train/reward_chosen"] == 0.0 and row["train/reward_rejected"] == 0.0
