@@ -12,7 +12,7 @@ from pydantic import Field
 
 from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import collate_sft, load_prompts, load_records, tokenize_sft
-from rlhf.distributed import check_engine, make_accelerator, sync_unless_last
+from rlhf.distributed import check_engine, global_normalizer, make_accelerator, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import sft_loss, sft_loss_weights
@@ -113,7 +113,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         micro = [batch_for(step * cfg.train.grad_accum + m) for m in range(cfg.train.grad_accum)]
         weights = [sft_loss_weights(b["completion_mask"], b["attention_mask"], cfg.prompt_loss_weight) for b in micro]
         # one global denominator for all micro-batches (and processes): accumulation then equals one big batch
-        normalizer = accelerator.reduce(sum(w.sum() for w in weights), "sum") / accelerator.num_processes
+        normalizer = global_normalizer(accelerator, sum(w.sum() for w in weights))
         loss_sum = 0.0
         for i, (batch, w) in enumerate(zip(micro, weights)):
             with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
