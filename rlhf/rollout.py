@@ -6,8 +6,8 @@
             ref log-probs  (reference; skipped when β = 0)
             values         (critic; PPO only)
 
-PPO, GRPO, RLOO and REINFORCE++ all call `make_experience` (both halves; GRPO's dynamic sampling calls them apart, so
-that only the groups it keeps are scored by the fixed pass). The fixed pass runs over the first epoch's training
+PPO calls `make_experience` (both halves); the GRPO family calls them apart, so that with dynamic sampling only the
+groups it keeps go through the fixed pass. The fixed pass runs over the first epoch's training
 micro-batches (`update_plan`), so the first minibatch's forward repeats it bit for bit: the ratio there is exactly 1
 and, with policy = reference, the KL exactly 0. Every tensor it stores is detached and zero where the response mask is
 False. Each phase is timed for the `perf/<phase>_seconds` metrics.
