@@ -11,7 +11,7 @@ import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -198,8 +198,11 @@ class PolicyModel:
         with_reference: bool = False,
         seed: int = 0,
         device: str | torch.device | None = None,
+        build: Callable | None = None,
     ) -> "PolicyModel":
-        """Build the policy a config describes. `with_reference` keeps a frozen copy (free under LoRA).
+        """Build the policy a config describes. `with_reference` keeps a frozen copy (free under LoRA). `build`
+        makes the model from the tokenizer when `settings.scratch_size` asks for a new one (the demo world's
+        `rlhf.world.scratch_builder`): the engine builds no model of its own.
 
         `device` defaults to accelerate's device for this process (the local GPU under `accelerate launch`).
         """
@@ -212,11 +215,10 @@ class PolicyModel:
             raise UserError("config key 'model.path' (or 'model.tokenizer') is required")
         tokenizer = load_tokenizer(tok_name)
         if settings.scratch_size:
-            from rlhf.world import MODEL_SIZES, build_tiny_lm
-
-            if settings.scratch_size not in MODEL_SIZES:
-                raise UserError(f"model.scratch_size '{settings.scratch_size}' is not one of {', '.join(MODEL_SIZES)}")
-            model = build_tiny_lm(tokenizer, settings.scratch_size, seed=seed).to(getattr(torch, settings.dtype))
+            if build is None:
+                raise UserError("config key 'model.scratch_size' builds a new model, which only the pretrain and sft "
+                                "stages do: set model.path to a trained model instead")
+            model = build(tokenizer, seed).to(getattr(torch, settings.dtype))
         elif settings.path:
             model = load_causal_lm(settings.path, settings.dtype)
         else:

@@ -21,6 +21,7 @@ from rlhf.training import (
     end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.tracking import progress
+from rlhf.world import scratch_builder
 
 
 class PretrainData(Section):
@@ -48,7 +49,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     check_engine(accelerator, micro_batches=cfg.train.grad_accum)
 
     # 2. model --------------------------------------------------------------------------------------------------
-    policy = PolicyModel.load(cfg.model, seed=cfg.seed)
+    policy = PolicyModel.load(cfg.model, seed=cfg.seed, build=scratch_builder(cfg.model.scratch_size))
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"{ctx.name}: {n_params / 1e6:.2f}M parameters, vocab {len(policy.tokenizer)}")
 

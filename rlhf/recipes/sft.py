@@ -22,7 +22,7 @@ from rlhf.training import (
     end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.tracking import progress
-from rlhf.world import gold_score_fn, gold_task_records
+from rlhf.world import gold_score_fn, gold_task_records, scratch_builder
 
 
 class SFTData(Section):
@@ -59,7 +59,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                  merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
 
     # 2. policy; action tokens become special tokens with fresh embedding rows ---------------------------------
-    policy = PolicyModel.load(cfg.model, add_tokens=cfg.action_tokens, seed=cfg.seed)
+    policy = PolicyModel.load(cfg.model, add_tokens=cfg.action_tokens, seed=cfg.seed,
+                              build=scratch_builder(cfg.model.scratch_size))
     tokenizer = policy.tokenizer
 
     # 3. data ---------------------------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from rlhf.errors import UserError
 
 MAX_POSITIONS = 256
 
@@ -45,3 +49,13 @@ def build_tiny_lm(tokenizer: PreTrainedTokenizerBase, size: str = "tiny", seed: 
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def scratch_builder(size: str | None) -> Callable[[PreTrainedTokenizerBase, int], LlamaForCausalLM] | None:
+    """What `PolicyModel.load(build=...)` needs for `model.scratch_size`: `build_tiny_lm` at that size (None for no
+    size). An unknown size is the user's error, named with the valid ones."""
+    if size is None:
+        return None
+    if size not in MODEL_SIZES:
+        raise UserError(f"model.scratch_size '{size}' is not one of {', '.join(MODEL_SIZES)}")
+    return lambda tokenizer, seed: build_tiny_lm(tokenizer, size, seed=seed)

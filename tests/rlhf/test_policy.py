@@ -153,3 +153,15 @@ def test_save_adapter_and_merged_model(tmp_path, nano_model_dir):
 def test_missing_model_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         PolicyModel.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_scratch_models_come_from_the_world_not_the_engine(repo_root):
+    from rlhf.world import scratch_builder
+
+    settings = ModelSettings(scratch_size="nano", tokenizer=str(repo_root / "data/demo/tokenizer"))
+    with pytest.raises(UserError, match="only the pretrain and sft stages"):
+        PolicyModel.load(settings, device="cpu")
+    policy = PolicyModel.load(settings, device="cpu", build=scratch_builder("nano"))
+    assert policy.model.config.hidden_size == 64
+    with pytest.raises(UserError, match="'huge' is not one of nano, tiny, small"):
+        scratch_builder("huge")
