@@ -127,8 +127,8 @@ def add_fixed_targets(exp: Experience, policy, *, temperature: float, micro_batc
     shared = critic is not None and critic.shares_policy_forward
     parts: dict[str, list] = {"old_logprobs": [], "ref_logprobs": [], "values": []}
     with eval_mode(policy.model, policy.value_head, critic.module if critic is not None else None):
-        for rows in micro_batches:
-            part = rollout.select(rows)
+        micro = [rollout.select(rows) for rows in micro_batches]  # sliced once, for the policy and the reference
+        for part in micro:
             if old_logprobs or shared:
                 with _timed(exp.timings, "old_logprobs"):
                     out = policy.forward(part, temperature, with_values=shared)
@@ -141,7 +141,7 @@ def add_fixed_targets(exp: Experience, policy, *, temperature: float, micro_batc
                     parts["values"].append(critic.values(policy, part))
         if reference:  # one block: under LoRA the reference is the policy with its adapters off
             with _timed(exp.timings, "reference"), policy.reference() as ref:
-                parts["ref_logprobs"] = [ref.forward(rollout.select(rows), temperature).logprobs for rows in micro_batches]
+                parts["ref_logprobs"] = [ref.forward(part, temperature).logprobs for part in micro]
     if shared:
         exp.timings["values"] = 0.0  # read in the old-log-prob pass (one forward of the shared trunk)
     order = torch.cat(list(micro_batches)).to(mask.device)

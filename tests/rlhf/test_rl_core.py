@@ -181,3 +181,37 @@ def test_grpo_gives_responses_cut_at_the_budget_the_fixed_score(tmp_path, policy
     rows = _grpo(tmp_path, policy_dir, prompts_file, **{"sampling.max_new_tokens": 1, "reward.missing_eos_score": -1.0})
     assert rows[0]["train/truncated_frac"] == 1.0 and rows[0]["train/reward"] == -1.0
     assert rows[0]["reward/short"] > -1.0  # the rule itself scored them otherwise
+
+
+# -- the shared bookkeeping -------------------------------------------------------------------------------------------
+
+
+def test_metric_sums_add_loss_shares_and_average_rates_per_update():
+    from rlhf.training import MetricSums
+
+    sums = MetricSums()
+    # update 1: two micro-batches; losses are shares (0.25 + 0.5 = 0.75), the rate is their mean (0.1 + 0.3) / 2 = 0.2
+    sums.add({"loss/total": 0.25, "train/clip_frac": 0.1}, 0.5)
+    sums.add({"loss/total": 0.5, "train/clip_frac": 0.3}, 0.5)
+    assert sums.end_minibatch({"train/grad_norm": 2.0}) == pytest.approx(
+        {"loss/total": 0.75, "train/clip_frac": 0.2, "train/grad_norm": 2.0})
+    # update 2: one micro-batch; means over the two updates: (0.75 + 1.25) / 2 = 1, (0.2 + 0.4) / 2 = 0.3, (2 + 4) / 2 = 3
+    sums.add({"loss/total": 1.25, "train/clip_frac": 0.4}, 1.0)
+    sums.end_minibatch({"train/grad_norm": 4.0})
+    assert sums.means() == pytest.approx({"loss/total": 1.0, "train/clip_frac": 0.3, "train/grad_norm": 3.0})
+    assert sums.first_minibatch("train/clip_frac", "train/ratio_mean") == {"train/first_minibatch_clip_frac": 0.2}
+
+
+def test_update_plan_covers_every_row_once_per_epoch_in_a_repeatable_order():
+    from rlhf.config import RLSettings
+    from rlhf.rollout import update_plan
+
+    rl = RLSettings(prompts_per_step=2, epochs=2, minibatches=2, micro_batch_size=3)
+    plan = update_plan(0, 5, 8, rl)
+    assert len(plan) == 2 and all(len(epoch) == 2 for epoch in plan)
+    for epoch in plan:  # 2 minibatches of 4 rows, each as micro-batches of 3 + 1
+        assert [[len(m) for m in mb] for mb in epoch] == [[3, 1], [3, 1]]
+        assert sorted(torch.cat([m for mb in epoch for m in mb]).tolist()) == list(range(8))
+    again = update_plan(0, 5, 8, rl)
+    assert all(torch.equal(a, b) for ea, eb in zip(plan, again) for ma, mb in zip(ea, eb) for a, b in zip(ma, mb))
+    assert not torch.equal(torch.cat(plan[0][0]), torch.cat(plan[1][0]))  # each epoch reshuffles
