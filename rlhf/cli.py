@@ -51,9 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
                              help="preference collection: serve, add-annotator, revoke-annotator, export, leaderboard, simulate, stats")
     collect.add_argument("args", nargs=argparse.REMAINDER, help="see `rlhf collect --help`")
 
+    imp = sub.add_parser("import-model", help="write a GGUF file or a packaged model as a Hugging Face model directory")
+    imp.add_argument("source", help="a .gguf file, or a packaged model name: " + ", ".join(_packaged_models()))
+    imp.add_argument("output_dir", help="directory to write (config, safetensors, tokenizer, generation config)")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    imp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     world = sub.add_parser("world", help="the embedded demo world: regenerate its data files and tokenizer")
     world.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `python -m rlhf.world.generate_data`")
     return parser
+
+
+def _packaged_models() -> list[str]:
+    from rlhf.model_import import PACKAGED_MODELS
+
+    return list(PACKAGED_MODELS)
 
 
 def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -85,6 +97,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from rlhf.collect.cli import main as collect
 
         return collect(args.args)
+    if args.command == "import-model":
+        from rlhf.model_import import import_model
+
+        print(f"wrote {import_model(args.source, args.output_dir, overwrite=args.overwrite)}")
+        return 0
     if args.command == "world":
         from rlhf.world.generate_data import main as generate
 

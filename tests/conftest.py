@@ -92,3 +92,104 @@ def kill_and_resume():
         return text
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny chat model as a GGUF file, written here with the `gguf` package: what `rlhf import-model` reads
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's byte-to-unicode table: the 256 single-byte tokens of a byte-level BPE vocabulary."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    shifted = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + shifted)
+            shifted += 1
+    return [chr(c) for c in cs]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_gguf(path: Path, *, arch: str = "llama", eos_id: int = 2, raw_tensor_type=None) -> Path:
+    """A 2-layer Llama with a ChatML template and a 262-token byte-level BPE vocabulary, its pad token = EOS (as
+    SmolLM2 ships it). Some matrices are Q8_0-quantized; `raw_tensor_type` stores one as that type instead."""
+    import gguf
+    import numpy as np
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    merges = ["Ġ t", "Ġ a", "h e"]
+    tokens = specials + _gpt2_byte_chars() + [m.replace(" ", "") for m in merges]
+    vocab, hidden, ffn, layers, heads, kv_heads = len(tokens), 64, 128, 2, 4, 2
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny chat")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (vocab - len(specials)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(eos_id)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(eos_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    rng = np.random.default_rng(0)
+
+    def tensor(name, *shape, quantize=False):
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if quantize:
+            w.add_tensor(name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, values)
+
+    tensor("token_embd.weight", vocab, hidden, quantize=True)
+    tensor("output_norm.weight", hidden)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", hidden)
+        tensor(f"blk.{i}.ffn_norm.weight", hidden)
+        tensor(f"blk.{i}.attn_q.weight", hidden, hidden, quantize=True)
+        tensor(f"blk.{i}.attn_k.weight", hidden * kv_heads // heads, hidden, quantize=True)
+        tensor(f"blk.{i}.attn_v.weight", hidden * kv_heads // heads, hidden)
+        tensor(f"blk.{i}.attn_output.weight", hidden, hidden)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        tensor(f"blk.{i}.ffn_down.weight", hidden, ffn)
+    if raw_tensor_type is not None:  # raw bytes of one block row per output row, as that type lays them out
+        block, size = gguf.GGML_QUANT_SIZES[raw_tensor_type]
+        w.add_tensor("blk.0.extra.weight", np.zeros((hidden, size), dtype=np.uint8), raw_dtype=raw_tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """The tiny GGUF chat model imported as a Hugging Face directory (`rlhf import-model`)."""
+    from rlhf.model_import import import_model
+
+    root = tmp_path_factory.mktemp("chat_model")
+    return import_model(str(write_tiny_gguf(root / "tiny.gguf")), root / "hf")
+
+
+@pytest.fixture(scope="session")
+def gguf_writer():
+    """`write_tiny_gguf` for tests that write their own variants (another architecture, EOS, tensor type)."""
+    return write_tiny_gguf
