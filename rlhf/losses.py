@@ -47,7 +47,13 @@ def sft_loss(
     (GPT-1's L3 = L2 + λ·L1 with one shared token normalizer). `normalizer` defaults to Σ weights of this batch;
     pass the global Σ weights under gradient accumulation.
     """
-    nll = token_nll(logits, input_ids)
+    return weighted_nll_loss(token_nll(logits, input_ids), weights, normalizer)
+
+
+def weighted_nll_loss(
+    nll: torch.Tensor, weights: torch.Tensor, normalizer: torch.Tensor | float | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`sft_loss` from per-target NLLs (B, L-1) already computed (e.g. a chunk of positions at a time)."""
     total = (nll * weights).sum()
     denom = weights.sum() if normalizer is None else normalizer
     loss = total / torch.as_tensor(denom, dtype=total.dtype).clamp(min=1e-8)

@@ -83,6 +83,46 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+# largest logits tensor (elements) made at once; 2**24 fp32 = 64 MB, e.g. 341 positions of a 49,152-token vocabulary
+LOGIT_CHUNK_ELEMENTS = 2**24
+
+
+def projected_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(ids) (and the entropy) under softmax(head(hidden) / temperature), a chunk of positions at a time.
+
+    Shape: hidden (B, T, H), ids (B, T) -> (B, T) each. No chunk's logits outlive it: each is recomputed in backward
+    (activation checkpointing), so neither pass holds a (B, T, V) tensor, only (chunk, V). Values and gradients are
+    those of the unchunked `logprobs_from_logits` / `entropy_from_logits` on `head(hidden)`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    flat_hidden, flat_ids = hidden.reshape(-1, hidden.size(-1)), ids.reshape(-1)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        out = [logprobs_from_logits(logits, t, temperature)]
+        if with_entropy:
+            out.append(entropy_from_logits(logits, temperature))
+        return torch.stack(out)
+
+    vocab = getattr(head, "out_features", None) or head(flat_hidden[:1]).size(-1)
+    size = max(1, chunk_elements // vocab)
+    if flat_ids.numel() <= size:
+        parts = [piece(flat_hidden, flat_ids)]
+    else:
+        parts = [checkpoint(piece, flat_hidden[i:i + size], flat_ids[i:i + size], use_reentrant=False)
+                 for i in range(0, flat_ids.numel(), size)]
+    out = torch.cat(parts, dim=1).view(-1, *ids.shape)
+    return out[0], (out[1] if with_entropy else None)
+
+
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """True up to and including the first EOS of each row; False after it. Shape: (B, T) -> (B, T) bool.
 

@@ -186,6 +186,68 @@ def apply_lora(model, lora: LoraSettings, trainable_token_ids: list[int]):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Log-probabilities at real vocabulary sizes
+
+
+def _output_head(model) -> nn.Module | None:
+    """The LM head to project hidden states with outside the model's forward, or None where that is unsafe: under
+    FSDP or DeepSpeed ZeRO-3 its weights are only gathered inside the wrapper's forward."""
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or any("FullyShardedDataParallel" in type(m).__name__ or type(m).__name__.startswith("FSDP")
+                           for m in (model, inner, head)):
+        return None
+    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in head.parameters()):
+        return None
+    return head
+
+
+def logits_are_large(model, targets: torch.Tensor, limit: int | None = None) -> bool:
+    """Whether the logits of `targets` (B, T) would exceed `limit` elements (default `rlhf.ops.LOGIT_CHUNK_ELEMENTS`)."""
+    from rlhf import ops
+
+    vocab = getattr(getattr(model, "module", model).config, "vocab_size", None) or 0
+    return targets.numel() * vocab > (ops.LOGIT_CHUNK_ELEMENTS if limit is None else limit)
+
+
+def next_token_logprobs(model, inputs: dict, targets: torch.Tensor, temperature: float = 1.0,
+                        with_entropy: bool = False, with_hidden: bool = False,
+                        chunk_elements: int | None = None):
+    """log p(targets) (and entropy) of the last T + 1 positions' next-token predictions, targets (B, T) being the
+    last T tokens of `inputs`. Returns (logprobs (B, T), entropy (B, T) or None, the model output).
+
+    When the (B, T, V) logits would be large (over `rlhf.ops.LOGIT_CHUNK_ELEMENTS`), the model projects only one
+    position and the head is applied here a chunk of positions at a time (`rlhf.ops.projected_logprobs`), so no
+    full logits tensor exists in forward or backward. Small ones take the model's own logits (the same numbers).
+    """
+    from rlhf import ops
+
+    limit = ops.LOGIT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    t = targets.size(1)
+    head = _output_head(model) if logits_are_large(model, targets, limit) else None
+    if head is None:
+        out = model(**inputs, logits_to_keep=t + 1, output_hidden_states=with_hidden, use_cache=False)
+        logits = out.logits[:, :-1]
+        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+        return logprobs_from_logits(logits, targets, temperature), entropy, out
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1][:, -t - 1:-1]
+    logprobs, entropy = ops.projected_logprobs(hidden, head, targets, temperature, with_entropy, limit)
+    return logprobs, entropy, out
+
+
+def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every position, (B, L) -> (B, L-1) as `rlhf.losses.token_nll`, with large logits taken a
+    chunk of positions at a time (`next_token_logprobs`)."""
+    from rlhf.losses import token_nll
+
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+    if not logits_are_large(model, input_ids[:, 1:]):
+        return token_nll(model(**inputs, use_cache=False).logits, input_ids)
+    return -next_token_logprobs(model, inputs, input_ids[:, 1:])[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class PolicyModel:
@@ -426,16 +488,9 @@ class PolicyModel:
         before each response token.
         """
         t = rollout.response_ids.size(1)
-        out = self.model(
-            **rollout.model_inputs(),
-            logits_to_keep=t + 1,
-            output_hidden_states=with_values,
-            use_cache=False,
-        )
-        logits = out.logits[:, :-1]
-        result = ForwardOut(logprobs=logprobs_from_logits(logits, rollout.response_ids, temperature))
-        if with_entropy:
-            result.entropy = entropy_from_logits(logits, temperature)
+        logprobs, entropy, out = next_token_logprobs(self.model, rollout.model_inputs(), rollout.response_ids,
+                                                     temperature, with_entropy, with_hidden=with_values)
+        result = ForwardOut(logprobs=logprobs, entropy=entropy)
         if with_values:
             if self.value_head is None:
                 raise RuntimeError("this policy has no value head: load it with model.value_head=true")

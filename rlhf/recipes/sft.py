@@ -15,8 +15,8 @@ from rlhf.data import collate_sft, load_prompts, load_records, tokenize_sft
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
-from rlhf.losses import sft_loss, sft_loss_weights
-from rlhf.policy import PolicyModel
+from rlhf.losses import sft_loss_weights, weighted_nll_loss
+from rlhf.policy import PolicyModel, sequence_nll
 from rlhf.stage import StageContext
 from rlhf.training import (
     end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
@@ -118,9 +118,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         loss_sum = 0.0
         for i, (batch, w) in enumerate(zip(micro, weights)):
             with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
-                               use_cache=False).logits  # no KV cache to build in training
-                loss, _ = sft_loss(logits, batch["input_ids"], w, normalizer)
+                nll = sequence_nll(model, batch["input_ids"], batch["attention_mask"])
+                loss, _ = weighted_nll_loss(nll, w, normalizer)
                 accelerator.backward(loss)
             loss_sum += loss.item()
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm, loss=loss_sum)
@@ -143,8 +142,7 @@ def eval_loss(model, examples, pad_token_id: int, cfg: Config, device) -> float:
     for start in range(0, len(examples), cfg.train.batch_size):
         batch = {k: v.to(device) for k, v in collate_sft(examples[start:start + cfg.train.batch_size], pad_token_id).items()}
         w = sft_loss_weights(batch["completion_mask"], batch["attention_mask"], cfg.prompt_loss_weight)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), use_cache=False).logits
-        loss, stats = sft_loss(logits, batch["input_ids"], w)
+        _, stats = weighted_nll_loss(sequence_nll(model, batch["input_ids"], batch["attention_mask"]), w)
         total += stats["loss/nll_sum"].item()
         weight += stats["loss/weight_sum"].item()
     return total / max(weight, 1e-8)
