@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf.config import Section
 from rlhf.errors import UserError
 from reward_models.model import RewardModel
-from reward_models.rules import apply_rule, resolve_rule
+from reward_models.rules import apply_rule, check_params, resolve_rule
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class RewardComponent(Section):
@@ -43,10 +45,19 @@ class RewardComponent(Section):
     batch_size: int = Field(64, ge=1, description="model only: sequences per forward pass")
     dtype: str = Field("float32", description="model only: weights dtype (float32 | bfloat16)")
 
+    @field_validator("weight")
+    @classmethod
+    def _fits_float32(cls, weight: float) -> float:
+        if abs(weight) > FLOAT32_MAX:  # scores are float32: such a weight is infinite there
+            raise ValueError(f"must be at most {FLOAT32_MAX:.3g} in size (scores are float32)")
+        return weight
+
     @model_validator(mode="after")
     def _one_source(self) -> "RewardComponent":
         if (self.model is None) == (self.rule is None):
             raise ValueError(f"reward '{self.name}' needs exactly one of 'model' or 'rule'")
+        if self.rule is not None and ":" not in self.rule:  # a built-in: check its params now, before any stage runs
+            check_params(self.name, self.rule, resolve_rule(self.rule), self.params)
         return self
 
 
@@ -93,6 +104,7 @@ class Scorer:
                 self.models[c.name] = rm
             else:
                 self.rules[c.name] = resolve_rule(c.rule)
+                check_params(c.name, c.rule, self.rules[c.name], c.params)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None,
               ended: Sequence[bool] | torch.Tensor | None = None) -> Scores:
@@ -118,7 +130,10 @@ class Scorer:
                 values = torch.tensor(apply_rule(c.name, self.rules[c.name], prompts, completions, metadata, c.params),
                                       dtype=torch.float32)
             parts[c.name] = values
-            total += c.weight * values
+            total += _weighted(c, values)
+            if not torch.isfinite(total).all():
+                raise UserError(f"rewards: the weighted total overflows float32 once reward '{c.name}' is added; "
+                                "lower the rewards' weights")
         return Scores(total.to(self.device), {k: v.to(self.device) for k, v in parts.items()})
 
     def score_rollout(self, rollout, records: Sequence[dict] | None = None) -> Scores:
@@ -126,3 +141,14 @@ class Scorer:
         `generate`); row i gets `records[rollout.prompt_index[i]]`, plus whether it ended with EOS."""
         metadata = [records[i] for i in rollout.prompt_index.tolist()] if records is not None else None
         return self.score(rollout.prompts, rollout.completions, metadata, ended=rollout.ended)
+
+
+def _weighted(component: RewardComponent, values: torch.Tensor) -> torch.Tensor:
+    """weight · scores, refusing a non-finite result: it would reach the loss as NaN and look like divergence."""
+    if not torch.isfinite(values).all():
+        raise UserError(f"reward '{component.name}': its model gave a non-finite score")
+    weighted = component.weight * values
+    if not torch.isfinite(weighted).all():
+        raise UserError(f"reward '{component.name}': weight {component.weight:g} × its scores (up to "
+                        f"{float(values.abs().max()):.3g}) overflows float32; lower its weight")
+    return weighted

@@ -15,6 +15,7 @@ import torch
 from rlhf.ops import AllReduce, masked_moments, masked_whiten
 
 SCALES = ("group", "batch", "none")
+MAX_KL_ERROR = 0.2  # the adaptive β controller's clip of its proportional error (Ziegler et al. 2019, eq. 3)
 
 
 def _groups(prompt_index: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -185,18 +186,22 @@ class AdaptiveKLController:
     """Adaptive β that steers the measured KL toward `target` (Ziegler et al. 2019, §2.2, eq. 3).
 
     e = clip(KL / target - 1, -0.2, 0.2);  β ← β · (1 + e · n_steps / horizon). Same rule as TRL's (pre-1.0)
-    `AdaptiveKLController` and OpenRLHF `AdaptiveKLController`.
+    `AdaptiveKLController` and OpenRLHF `AdaptiveKLController`. The factor is positive only while
+    horizon > 0.2 · n_steps (recipes refuse shorter horizons); β is kept ≥ 0 regardless, since a negative β would
+    reward moving away from the reference.
     """
 
     def __init__(self, init_beta: float, target: float, horizon: float):
+        if not (target > 0 and horizon > 0 and init_beta >= 0):
+            raise ValueError(f"adaptive KL needs target > 0, horizon > 0, β ≥ 0; got {target}, {horizon}, {init_beta}")
         self.value = float(init_beta)
         self.target = float(target)
         self.horizon = float(horizon)
 
     def update(self, current_kl: float | torch.Tensor, n_steps: int) -> None:
         """Scale β by 1 + e·n_steps/horizon, e the clipped proportional error of `current_kl` (mean KL per sequence)."""
-        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        error = min(max(float(current_kl) / self.target - 1.0, -MAX_KL_ERROR), MAX_KL_ERROR)
+        self.value = max(0.0, self.value * (1.0 + error * n_steps / self.horizon))
 
     def state_dict(self) -> dict[str, float]:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

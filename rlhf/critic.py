@@ -200,8 +200,14 @@ def _is_reward_model(path: str) -> bool:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False
-    config = json.loads(config_file.read_text())
-    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # not JSON, not UTF-8 text, unreadable
+        raise UserError(f"critic from {path}: {config_file} is not a readable JSON model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"critic from {path}: {config_file} is not a JSON object of model settings")
+    architectures = config.get("architectures") or []
+    return isinstance(architectures, list) and any(str(a).endswith("ForSequenceClassification") for a in architectures)
 
 
 def _critic_adapter(settings: CriticSettings, policy: PolicyModel, rewards: list[RewardComponent],

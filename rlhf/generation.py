@@ -26,6 +26,7 @@ transformers' `generate`). Measurements: benchmarks/bench_generate.py.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import weakref
@@ -35,10 +36,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rlhf.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("hf", "fast")
-DEFAULT_BACKEND = "fast"  # what `generate` uses unless told; RLHF_SAMPLING_BACKEND overrides it
+DEFAULT_BACKEND = "fast"  # what `generate` uses unless told; RLHF_SAMPLING_BACKEND overrides every caller's choice
 FAMILIES = ("llama", "qwen2")
 BUCKET = 16  # prompt width and response budget are rounded up to a multiple of this: one compile serves many calls
 
@@ -57,7 +60,43 @@ _warned: set[str] = set()
 
 def default_backend() -> str:
     """The sampling backend of `generate(backend=None)`: RLHF_SAMPLING_BACKEND if set, else DEFAULT_BACKEND."""
-    return os.environ.get("RLHF_SAMPLING_BACKEND", "").strip().lower() or DEFAULT_BACKEND
+    return backend_override() or DEFAULT_BACKEND
+
+
+def backend_override() -> str | None:
+    """RLHF_SAMPLING_BACKEND (hf | fast), or None when unset. One rule for every stage: when set, it replaces the
+    backend any caller asks for (the config keys `sampling.backend`, `eval.generation.backend`...)."""
+    value = os.environ.get("RLHF_SAMPLING_BACKEND", "").strip().lower()
+    if value and value not in BACKENDS:
+        raise UserError(f"environment variable RLHF_SAMPLING_BACKEND={_shown(value)}: expected one of "
+                        f"{', '.join(BACKENDS)} (or unset, to use each stage's configured backend)")
+    return value or None
+
+
+def compile_after_seconds() -> float:
+    """RLHF_COMPILE_AFTER_S: eager decode seconds in one shape bucket before auto mode compiles it (default 60)."""
+    raw = os.environ.get("RLHF_COMPILE_AFTER_S", "").strip()
+    if not raw:
+        return 60.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # also refuses nan
+        raise UserError(f"environment variable RLHF_COMPILE_AFTER_S={_shown(raw)}: expected a number of seconds ≥ 0 "
+                        "(default 60; RLHF_COMPILE=0 never compiles)")
+    return value
+
+
+def check_environment() -> None:
+    """Parse every RLHF_* sampling variable now, so a bad value stops a stage before it loads anything."""
+    backend_override()
+    compile_mode()
+    compile_after_seconds()
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:40] + "...")
 
 
 def warn_once(message: str) -> None:
@@ -384,8 +423,13 @@ def compile_mode() -> str:
     ski-rental rule, never more than about twice the better choice in hindsight (compile costs and speed-ups:
     benchmarks/README.md). Compiled and eager logits differ in float rounding, so the same seed can (rarely) draw a
     different token once a bucket is compiled."""
-    value = os.environ.get("RLHF_COMPILE", "auto").strip().lower()
-    return "on" if value in ("1", "true", "yes", "on") else "off" if value in ("0", "false", "no", "off") else "auto"
+    value = os.environ.get("RLHF_COMPILE", "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return "on" if value in ("1", "true", "yes", "on") else "off"
+    raise UserError(f"environment variable RLHF_COMPILE={_shown(value)}: expected auto (or unset), 1 / true / on, "
+                    "or 0 / false / off")
 
 
 @dataclass
@@ -538,7 +582,7 @@ def _sample(
     # compile this bucket? (the shapes of one graph: prompt width and budget rounded up, so that calls share it)
     key = (spec, n, batch, _bucket(width), _bucket(max_new_tokens), act_dtype, device.type)
     mode = compile_mode() if compile is None else "on" if compile else "off"
-    after = float(os.environ.get("RLHF_COMPILE_AFTER_S", 60))
+    after = compile_after_seconds()
     use_compile = COMPILE.failed is None and (mode == "on" or (mode == "auto" and COMPILE.eager_seconds.get(key, 0.0) >= after))
     first = use_compile and key not in COMPILE.compiled
     width_p, width_t = (key[3], key[4]) if use_compile else (width, max_new_tokens)
@@ -629,7 +673,8 @@ def generate(
     """Sample `n` responses for each distinct left-padded prompt (R, P), in eval mode: the raw response ids (R·n, T)
     as `sample` returns them, and the call's `SampleStats`.
 
-    `backend`: "fast" (`sample`) or "hf" (`model.generate` on the prompts repeated n times); None = `default_backend()`.
+    `backend`: "fast" (`sample`) or "hf" (`model.generate` on the prompts repeated n times); None = `default_backend()`;
+    RLHF_SAMPLING_BACKEND, when set, replaces it.
     A model the fast sampler does not support samples with "hf", decided on its first call (one warning). With `seed`
     the sampling is reproducible and the global RNG is left untouched; on the fast backend prompt i then draws from its
     own stream, seeded by `seed` and `first_prompt` + i (`prompt_uniforms`), while `model.generate` draws from one
@@ -664,10 +709,14 @@ _verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _backend_for(model, backend: str | None) -> str:
-    """The backend that samples `model`: `backend` (None = `default_backend()`), "hf" where fast cannot run it."""
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
+    """The backend that samples `model`: RLHF_SAMPLING_BACKEND when set, else `backend` (None = DEFAULT_BACKEND);
+    "hf" where fast cannot run it."""
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown sampling backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    override = backend_override()
+    if override and backend and override != backend:
+        warn_once(f"RLHF_SAMPLING_BACKEND={override}: sampling with the {override} backend, not the configured {backend}")
+    backend = override or backend or DEFAULT_BACKEND
     if backend == "fast":
         if model not in _verdicts:
             _verdicts[model] = unsupported_reason(model)

@@ -34,12 +34,22 @@ def step_seed(seed: int, step: int, round: int = 0) -> int:
 
 def update_plan(seed: int, step: int, rows: int, rl: RLSettings) -> list[list[list[torch.Tensor]]]:
     """The update's order: epochs → minibatches → micro-batches (row indices, at most `rl.micro_batch_size` rows).
-    Rows are shuffled per epoch by a function of (seed, step, epoch), so a resumed run repeats the order."""
+    Rows are shuffled per epoch by a function of (seed, step, epoch), so a resumed run repeats the order. Every
+    epoch has exactly `rl.minibatches` minibatches (sizes differ by at most one row): the scheduler's length and the
+    per-update metrics count on it."""
+    if rl.minibatches > rows:
+        raise ValueError(f"rl.minibatches={rl.minibatches} is more than the {rows} rows of a step")
     plan = []
     for epoch in range(rl.epochs):
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 7919 + step * 131 + epoch))
-        plan.append([list(minibatch.split(rl.micro_batch_size)) for minibatch in order.chunk(rl.minibatches)])
+        # tensor_split, not chunk: chunk(5) of 12 rows makes 4 parts of 3
+        plan.append([list(minibatch.split(rl.micro_batch_size)) for minibatch in order.tensor_split(rl.minibatches)])
     return plan
+
+
+def updates_per_step(rl: RLSettings) -> int:
+    """Optimizer steps in one `update_plan` (the scheduler's length is max_steps times this)."""
+    return rl.epochs * rl.minibatches
 
 
 def rollout_metrics(exp: Experience, all_reduce=None) -> dict[str, float]:

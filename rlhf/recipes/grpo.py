@@ -24,7 +24,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf.advantages import (
     fixed_score_without_eos, group_normalized, kl_shaped_rewards, make_kl_controller, reinforce_pp, rloo,
@@ -34,11 +34,16 @@ from rlhf.data import load_rl_prompts
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, prepare_reference, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
+from rlhf.generation import check_environment
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty
 from rlhf.ops import kl_k1, masked_mean
 from rlhf.policy import PolicyModel
-from rlhf.recipes.rl_settings import KLSettings, PromptData, RewardShaping, RLEvalSettings, rl_micro_batches
-from rlhf.rollout import add_fixed_targets, log_samples, rollout_metrics, sample_experience, step_seed, update_plan
+from rlhf.recipes.rl_settings import (
+    KLSettings, PromptData, RewardShaping, RLEvalSettings, check_step_shape, rl_micro_batches,
+)
+from rlhf.rollout import (
+    add_fixed_targets, log_samples, rollout_metrics, sample_experience, step_seed, update_plan, updates_per_step,
+)
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
@@ -86,10 +91,17 @@ class Config(StageConfig):
     samples_every: int = Field(10, ge=0, description="write sampled completions (JSONL + W&B table) every N steps (0 = never)")
     save_merged: bool = Field(False, description="with LoRA, also write the merged full model (else the adapter)")
 
+    @model_validator(mode="after")
+    def _step_shape(self) -> "Config":
+        check_step_shape(self.rl, self.sampling, self.kl)
+        return self
+
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed ---------------------------------------------------------------------------------
+    check_environment()
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_step_shape(cfg.rl, cfg.sampling, cfg.kl, processes=accelerator.num_processes)
     check_engine(accelerator, micro_batches=rl_micro_batches(cfg.rl, cfg.sampling.n), generates="grpo's rollouts",
                  merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
     adv_name = cfg.loss.advantage
@@ -116,7 +128,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.rl.epochs * cfg.rl.minibatches)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step(cfg.rl))
     policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     prepare_reference(accelerator, policy)
     model = policy.model

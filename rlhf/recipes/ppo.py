@@ -32,7 +32,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from rlhf.advantages import fixed_score_without_eos, gae, kl_shaped_rewards, make_kl_controller
@@ -42,11 +42,14 @@ from rlhf.data import load_rl_prompts
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, prepare_reference, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
+from rlhf.generation import check_environment
 from rlhf.losses import aggregate, aggregate_normalizer, clipped_surrogate, importance_ratio, kl_penalty, value_loss
 from rlhf.ops import KL_ESTIMATORS, kl_k1, masked_mean, masked_moments, masked_whiten
 from rlhf.policy import PolicyModel
-from rlhf.recipes.rl_settings import KLSettings, PromptData, RewardShaping, RLEvalSettings, rl_micro_batches
-from rlhf.rollout import log_samples, make_experience, rollout_metrics, step_seed, update_plan
+from rlhf.recipes.rl_settings import (
+    KLSettings, PromptData, RewardShaping, RLEvalSettings, check_step_shape, rl_micro_batches,
+)
+from rlhf.rollout import log_samples, make_experience, rollout_metrics, step_seed, update_plan, updates_per_step
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
@@ -125,10 +128,26 @@ class Config(StageConfig):
     samples_every: int = Field(10, ge=0, description="write sampled completions (JSONL + W&B table) every N steps (0 = never)")
     save_merged: bool = Field(False, description="with LoRA, also write the merged full model (else the adapter)")
 
+    @model_validator(mode="after")
+    def _step_shape(self) -> "Config":
+        check_step_shape(self.rl, self.sampling, self.kl)
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_ends_before_the_run(self) -> "Config":
+        if self.critic.warmup_steps >= self.train.max_steps:  # else the input policy is saved as the PPO result
+            raise UserError(
+                f"config key 'critic.warmup_steps' ({self.critic.warmup_steps}) must be below train.max_steps "
+                f"({self.train.max_steps}): during the warm-up only the critic trains, so the stage would save the "
+                "input policy unchanged as its result; lower critic.warmup_steps or raise train.max_steps")
+        return self
+
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. accelerator and seed ---------------------------------------------------------------------------------
+    check_environment()
     accelerator = make_accelerator(cfg.train, cfg.seed)
+    check_step_shape(cfg.rl, cfg.sampling, cfg.kl, processes=accelerator.num_processes)
     check_engine(accelerator, micro_batches=rl_micro_batches(cfg.rl, cfg.sampling.n), generates="ppo's rollouts",
                  merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
     beta_on = cfg.kl.beta > 0
@@ -157,7 +176,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     optimizer = make_optimizer([p for m in modules for p in m.parameters()], cfg.optim)
     for group in optimizer.param_groups:
         group["eps"] = cfg.optim.eps
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * cfg.rl.epochs * cfg.rl.minibatches)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step(cfg.rl))
     *modules, optimizer, scheduler = accelerator.prepare(*modules, optimizer, scheduler)
     policy.model, policy.value_head = modules[0], modules[1] if policy.value_head is not None else None
     critic.module = modules[-1] if critic.module is not None else None

@@ -7,12 +7,13 @@ config module does not import `reward_models`.
 from __future__ import annotations
 
 import math
-
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlhf.config import GenerationSettings, RLSettings, Section
+from rlhf.advantages import MAX_KL_ERROR
+from rlhf.config import GenerationSettings, RLSettings, SamplingSettings, Section
+from rlhf.errors import UserError
 from reward_models.scoring import RewardComponent
 
 
@@ -34,6 +35,15 @@ class KLSettings(Section):
         False, description="multiply the loss KL by the importance ratio π/π_old (TRL's use_bias_correction_kl, DeepSeek-V3.2)")
     target: float | None = Field(None, gt=0.0, description="adaptive β: the target KL per sequence (null = fixed β)")
     horizon: int = Field(10000, ge=1, description="adaptive β: the controller's horizon in samples (Ziegler et al. 2019)")
+
+    @model_validator(mode="after")
+    def _target_needs_beta(self) -> "KLSettings":
+        # β adapts by a factor per step, so from 0 it stays 0 (and β = 0 never runs the reference)
+        if self.target is not None and self.beta == 0:
+            raise UserError(f"config key 'kl.target' ({self.target:g}) needs kl.beta > 0: the adaptive controller "
+                            "scales β by a factor each step, so β = 0 stays 0; set kl.beta to the starting β (e.g. "
+                            "0.1), or kl.target: null for a fixed β (no KL term with kl.beta 0)")
+        return self
 
 
 class RewardShaping(Section):
@@ -61,3 +71,21 @@ def rl_micro_batches(rl: RLSettings, n: int) -> int:
     forward/backward passes of `rl.micro_batch_size` rows."""
     rows = math.ceil(rl.prompts_per_step * n / rl.minibatches)
     return math.ceil(rows / rl.micro_batch_size)
+
+
+def check_step_shape(rl: RLSettings, sampling: SamplingSettings, kl: KLSettings, processes: int = 1) -> None:
+    """Refuse a step shape that would train on something other than what the config says: more minibatches than
+    rows (fewer optimizer steps than the scheduler and the metrics count), or an adaptive-β horizon so short that
+    one step can drive β below 0."""
+    rows = rl.prompts_per_step * sampling.n
+    if rl.minibatches > rows:
+        raise UserError(f"config key 'rl.minibatches' ({rl.minibatches}) is more than the {rows} rows of a step "
+                        f"(rl.prompts_per_step × sampling.n = {rl.prompts_per_step} × {sampling.n}): every minibatch "
+                        f"needs a row; set rl.minibatches to at most {rows}")
+    samples = rows * processes
+    if kl.target is not None and kl.horizon <= MAX_KL_ERROR * samples:
+        raise UserError(
+            f"config key 'kl.horizon' ({kl.horizon}) is too short for {samples} samples per step (rl.prompts_per_step"
+            f" × sampling.n × processes): each step scales the adaptive β by 1 ± {MAX_KL_ERROR:g}·{samples}/horizon, "
+            "and a factor ≤ 0 makes β negative, so that the KL term rewards leaving the reference; set kl.horizon "
+            f"above {MAX_KL_ERROR * samples:g} (Ziegler et al. use 10000)")
