@@ -198,7 +198,7 @@ def test_a_weighted_total_that_overflows_names_the_reward(tmp_path, monkeypatch)
     ("exact_match", {"pattern": "[a-"}, "params.pattern '\\[a-' is not a valid regular expression"),
     ("length_penalty", {"max_words": 0}, "params.max_words must be a whole number ≥ 1, got 0"),
     ("repetition_penalty", {"n": 0}, "params.n must be a whole number ≥ 1"),
-    ("verifiable", {"tasks": ["mul"]}, r"params.tasks names unknown task\(s\) 'mul' \(known: add, review\)"),
+    ("verifiable", {"tasks": ["mul"]}, r"params.tasks names unknown task\(s\) 'mul' \(known: add, review"),
     ("verifiable", {"nope": 1}, "bad params for rule 'verifiable'"),
 ])
 def test_built_in_rules_with_bad_params_are_refused_at_config_time(rule, params, expected):
