@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from rlhf.config import Section
-from rlhf.data import Record
+from rlhf.data import Record, prompt_text
 from rlhf.errors import UserError
 from rlhf.tracking import progress
 from reward_models.data import PreferencePair
@@ -52,11 +52,13 @@ class PairSampling(Section):
     batch_size: int = Field(32, ge=1, description="prompts per generate call (each gets K samples)")
 
 
-def label_pair(annotator, row: Record, a: str, b: str) -> dict:
-    """One TRL-format preference row: the annotator's winner is `chosen`; a tie keeps the order and sets `tie`."""
-    verdict = annotator.judge(row["task"], row["prompt"], a, b, row.get("meta"))
+def label_pair(annotator, row: Record, a: str, b: str, prompt: str | None = None) -> dict:
+    """One TRL-format preference row: the annotator's winner is `chosen`; a tie keeps the order and sets `tie`.
+    `prompt`: the prompt as the policy read it (default the record's own)."""
+    prompt = row["prompt"] if prompt is None else prompt
+    verdict = annotator.judge(row["task"], prompt, a, b, row.get("meta"))
     chosen, rejected = (b, a) if verdict == 0.0 else (a, b)
-    return {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "tie": verdict == 0.5,
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tie": verdict == 0.5,
             "task": row["task"], "meta": row.get("meta") or {}}
 
 
@@ -81,7 +83,8 @@ def sample_pairs(policy, prompts: list[Record], settings: PairSampling, seed: in
     starts = range(0, settings.num_prompts, settings.batch_size)
     for start in progress(starts, total=len(starts), desc="sampling pairs"):
         chunk = [prompts[order[i % len(order)]] for i in range(start, min(start + settings.batch_size, settings.num_prompts))]
-        rollout = policy.generate([r["prompt"] for r in chunk], n=k, max_new_tokens=settings.max_new_tokens,
+        texts = [prompt_text(r, policy.tokenizer) for r in chunk]  # chat messages through the policy's template
+        rollout = policy.generate(texts, n=k, max_new_tokens=settings.max_new_tokens,
                                   temperature=settings.temperature, seed=seed + start)
         all_prompts.extend(rollout.prompts)
         all_completions.extend(rollout.completions)
@@ -91,7 +94,7 @@ def sample_pairs(policy, prompts: list[Record], settings: PairSampling, seed: in
                 if a == b or not a.strip() or not b.strip():
                     skipped += 1
                 else:
-                    rows.append(label_pair(annotator, row, a, b))
+                    rows.append(label_pair(annotator, row, a, b, prompt=texts[i]))
     if skipped:
         log.warning("skipped %d pair(s) of identical or empty responses", skipped)
     if not rows:

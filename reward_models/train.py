@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
-from rlhf.data import Record, load_prompts
+from rlhf.data import Record, load_prompts, prompt_text
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, reduce_metrics, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.losses import lm_loss
@@ -265,7 +265,7 @@ def _stats_samples(cfg: Config, pairs, samples, ctx: StageContext) -> tuple[list
 
         policy = PolicyModel.from_pretrained(cfg.stats.policy)
         records: list[Record] = load_prompts(cfg.stats.prompts)
-        prompts = [records[i % len(records)]["prompt"] for i in range(n)]
+        prompts = [prompt_text(records[i % len(records)], policy.tokenizer) for i in range(n)]
         completions = []
         for start in range(0, n, cfg.eval.batch_size):
             rollout = policy.generate(prompts[start:start + cfg.eval.batch_size],

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from rlhf.errors import UserError
 
@@ -118,10 +120,23 @@ def dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, Slurm and Kubernetes send) unwinds like Ctrl-C: the stage stops resumable."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # key=value overrides may follow options (`rlhf run p.yaml --only sft sft.train.max_steps=3`)
+    if argv[:1] == ["world"]:  # its own parser reads every argument, options included
+        from rlhf.world.generate_data import main as generate
+
+        return generate(argv[1:]) or 0
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):
@@ -134,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars of tiny models are noise between our own bars
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    if on_main_thread:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return dispatch(args)
     except UserError as exc:
@@ -141,9 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM): rerun the same command to resume", file=sys.stderr)
+        return 143  # 128 + 15, what a shell reports for a process SIGTERM ended
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ prompts, not only the demo world's.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.config import GenerationSettings
-from rlhf.data import Record
+from rlhf.data import Record, prompt_text
 from rlhf.distributed import map_over_processes
+from rlhf.errors import UserError
 
 # (prompts, completions, records (one per completion), ended) -> one score per completion, or (scores, extras): extras
 # maps a name to one more score per completion (e.g. "rm_score": the training reward next to the gold score)
@@ -83,7 +85,7 @@ def _score_batch(policy, records: list[Record], start: int, generation: Generati
                  seed: int) -> dict:
     """Scores of the batch of records that begins at `start` (plain lists, so processes can exchange them)."""
     chunk = records[start:start + generation.batch_size]
-    prompts = [r["prompt"] for r in chunk]
+    prompts = [prompt_text(r, policy.tokenizer) for r in chunk]  # chat messages through this model's template
     rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend)
     greedy, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
     part = {"greedy": greedy, "extras": extras, "lengths": rollout.lengths.tolist(),
@@ -102,6 +104,25 @@ def _score_batch(policy, records: list[Record], start: int, generation: Generati
 def _split(result) -> tuple[list[float], dict[str, list[float]]]:
     scores, extras = result if isinstance(result, tuple) else (result, {})
     return [float(s) for s in scores], {k: [float(v) for v in vs] for k, vs in extras.items()}
+
+
+def check_group_by(records: Sequence[dict], group_by: Sequence[str], source: str) -> None:
+    """Every `group_by` field must be present in some record (a misspelt one would report nothing)."""
+    for key in group_by:
+        if not any(_dotted(r, key) is not None for r in records):
+            fields = sorted({k for r in records for k in _dotted_keys(r)})
+            hint = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            raise UserError(f"config key 'group_by': no prompt of {source} has a field '{key}'"
+                            + (f" (did you mean '{hint[0]}'?)" if hint else f"; fields: {', '.join(fields[:12])}"))
+
+
+def _dotted_keys(node: dict, prefix: str = "", depth: int = 0) -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys.append(prefix + str(k))
+        if isinstance(v, dict) and depth < 3:
+            keys += _dotted_keys(v, f"{prefix}{k}.", depth + 1)
+    return keys
 
 
 def _dotted(record: dict, key: str):

@@ -216,7 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--small", action="store_true", help="miniature sizes, for tests")
+    parser.add_argument("--chat", action="store_true",
+                        help="write the chat tasks' files for a real chat model instead (rlhf.world.chat)")
     args = parser.parse_args(argv)
+    if args.chat:
+        from rlhf.world import chat
+
+        for name, n in chat.generate(args.out, seed=args.seed).items():
+            print(f"{name}: {n} rows")
+        return
     sizes = SMALL if args.small else Sizes()
     counts = generate(args.out, seed=args.seed, sizes=sizes)
     for name, n in counts.items():

@@ -4,6 +4,8 @@ Two tasks, chosen to cover the two kinds of RLHF signal:
 
 - ``"add"`` (:mod:`rlhf.world.arithmetic`): verifiable, binary gold score (is the final answer the sum?).
 - ``"review"`` (:mod:`rlhf.world.reviews`): open-ended, continuous gold score from a hidden rubric.
+- ``"chat_add"`` and ``"chat_review"`` (:mod:`rlhf.world.chat`): the same two kinds for a real chat model, with
+  chat-message prompts and judges that read plain English.
 
 The gold judge is hidden from the policy and the reward model: training sees it only through the simulated
 annotators' noisy preferences (or, for rule-based rewards, through the verifiable ``add`` check).
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlhf.world import arithmetic, reviews
+from rlhf.world import arithmetic, chat, reviews
 
-TASKS: tuple[str, ...] = ("add", "review")
+# the two chat tasks (`rlhf.world.chat`) are the same two kinds of signal for a real chat model, in plain English
+TASKS: tuple[str, ...] = ("add", "review", *chat.TASKS)
 # Special tokens that open every prompt and select its task. They are not in the base tokenizer (pretraining
 # never sees them); the SFT stage adds them as additional special tokens and resizes the embeddings.
 ACTION_TOKENS: list[str] = [arithmetic.ACTION, reviews.ACTION]
@@ -33,6 +36,8 @@ def gold_score(task: str, prompt: str, completion: str, meta: dict | None) -> fl
     if task == "review":
         product = (meta or {}).get("product") or reviews.parse_prompt(prompt)["product"]
         return reviews.gold_score(product, completion)
+    if task in chat.TASKS:
+        return chat.gold_score(task, prompt, completion, meta or {})
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
