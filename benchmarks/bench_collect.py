@@ -5,6 +5,9 @@ Starts `rlhf collect serve` as its own process (SQLite in WAL mode in a temp dir
 judgments are acknowledged in all. Afterwards it checks the database: exactly that many judgments, no
 (pair, annotator) twice, no pair over its overlap. Prints p50/p95 latency of fetching a pair and of submitting a
 judgment. Bounded: a fixed number of judgments, and `--timeout` seconds for the whole run; 127.0.0.1 only.
+Before the load, one client alone sends `KEEPALIVE_REQUESTS` requests on one keep-alive connection and the
+median of all but the first is reported (`keepalive_p50_ms`): with Nagle's algorithm on the server's connections
+each waited for the client's delayed ACK (~40 ms on Linux).
 
 `--stage N [N ...]` times the collect *step* instead (what the `collect` pipeline stage does after sampling: simulated
 annotators judge over HTTP until N judgments, then export and statistics), with the pipeline config's assignment
@@ -62,6 +65,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+KEEPALIVE_REQUESTS = 50
+
+
+def keepalive_latency_ms(base: str, token: str) -> float:
+    """Median latency of requests after the first on one keep-alive connection, one client alone."""
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+        times = []
+        for _ in range(KEEPALIVE_REQUESTS):
+            t0 = time.perf_counter()
+            client.get("/guidelines").raise_for_status()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times[1:])
+
+
 def run_benchmark(clients: int = 20, judgments: int = 1000, overlap: int = 2, timeout_s: float = 300,
                   database: str | None = None, workdir: str | None = None) -> dict:
     """Run the load test; returns latencies and the database check. Raises on a failed check or timeout."""
@@ -96,6 +113,7 @@ def run_benchmark(clients: int = 20, judgments: int = 1000, overlap: int = 2, ti
             except httpx.TransportError:
                 time.sleep(0.1)
 
+        keepalive_ms = keepalive_latency_ms(base, tokens[0])
         budget = [judgments]
         lock = threading.Lock()
         next_ms: list[float] = []
@@ -165,6 +183,7 @@ def run_benchmark(clients: int = 20, judgments: int = 1000, overlap: int = 2, ti
         "submit_p50_ms": round(percentile(submit_ms, 50), 1),
         "submit_p95_ms": round(percentile(submit_ms, 95), 1),
         "submit_mean_ms": round(statistics.mean(submit_ms), 1),
+        "keepalive_p50_ms": round(keepalive_ms, 2),
         "database": url_db.split(":", 1)[0],
     }
     ok = (result["judgments_stored"] == judgments and result["duplicates"] == 0
@@ -255,7 +274,8 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     print(f"{result['clients']} clients stored {result['judgments_stored']} judgments ({result['duplicates']} duplicates) "
           f"in {result['wall_s']} s; submit p50 {result['submit_p50_ms']} ms, p95 {result['submit_p95_ms']} ms; "
-          f"next-pair p50 {result['next_p50_ms']} ms, p95 {result['next_p95_ms']} ms")
+          f"next-pair p50 {result['next_p50_ms']} ms, p95 {result['next_p95_ms']} ms; one keep-alive client alone "
+          f"{result['keepalive_p50_ms']} ms per request")
     return 0
 
 

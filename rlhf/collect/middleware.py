@@ -1,4 +1,5 @@
-"""ASGI middleware of the collection app: the body-size limit and the security headers on every response."""
+"""ASGI middleware of the collection app: the body-size limit, the security headers on every response, and the
+forwarded Host/scheme of a trusted reverse proxy."""
 
 from __future__ import annotations
 
@@ -75,3 +76,31 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class TrustedProxy:
+    """ASGI middleware: for a request whose TCP peer is one of `proxies`, take the host and scheme the browser used
+    from `X-Forwarded-Host` / `X-Forwarded-Proto` (the last value: the one the nearest proxy set). Behind a proxy
+    that rewrites Host, the sign-in's Origin check and the secure cookie then see what the browser saw. Other
+    peers' forwarded headers are ignored: anyone could send them."""
+
+    def __init__(self, app, proxies: list[str]):
+        self.app = app
+        self.proxies = set(proxies)
+
+    async def __call__(self, scope, receive, send):
+        client = scope.get("client")
+        if scope["type"] == "http" and self.proxies and client and client[0] in self.proxies:
+            headers = dict(scope["headers"])
+            host = _last(headers.get(b"x-forwarded-host"))
+            proto = _last(headers.get(b"x-forwarded-proto"))
+            scope = dict(scope)
+            if host:
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", host)]
+            if proto in (b"http", b"https"):
+                scope["scheme"] = proto.decode()
+        return await self.app(scope, receive, send)
+
+
+def _last(value: bytes | None) -> bytes | None:
+    return value.rsplit(b",", 1)[-1].strip().lower() if value else None

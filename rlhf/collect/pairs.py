@@ -38,6 +38,7 @@ class FilePairSource:
     def __init__(self, path: str | Path, batch_size: int = 64):
         self.pairs = read_pair_file(path)
         self.batch_size = batch_size
+        self.total = len(self.pairs)  # known up front: the judging page's progress target
         self._next = 0
 
     def next_batch(self) -> list[NewPair]:
@@ -207,7 +208,9 @@ class PairFeeder:
     """Background thread keeping `ready_ahead` pairs with open slots in the store.
 
     `wake()` after each judgment lets it top up at once; otherwise it re-checks every `poll_s`. A source error
-    stops the thread and is kept in `error` (shown on the admin page) rather than crashing the server.
+    stops the thread rather than crashing the server: the traceback goes to the server log, the message to `error`
+    (for the operator's terminal) and only the exception's type to `error_kind` (for the pages: an error message
+    can quote SQL parameters, and with them hidden metadata such as a gold item's answer).
     """
 
     def __init__(self, store: Store, source: PairSource, *, ready_ahead: int, overlap: int, lease_seconds: float,
@@ -222,6 +225,7 @@ class PairFeeder:
         self.poll_s = poll_s
         self.exhausted = False
         self.error: str | None = None
+        self.error_kind: str | None = None
         self.generated = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -268,6 +272,7 @@ class PairFeeder:
             except Exception as exc:  # noqa: BLE001 - surfaced on the admin page, the server keeps serving
                 log.exception("pair generation failed")
                 self.error = f"{type(exc).__name__}: {exc}"
+                self.error_kind = type(exc).__name__
                 return
             if added == -1:
                 return

@@ -34,6 +34,7 @@ def summarize(rows: list[dict], overlap: int, pair_counts: dict[str, int], boots
             "gold_items": gold.n,
             "gold_accuracy": _clean(gold.value),
             "left_win_rate": _clean(bias.value),
+            "decisive_judgments": bias.n,  # what the left-win rate is a rate of
         }
 
     gold_all = agreement.gold_accuracy([(r["choice"], r["gold_label"]) for r in rows if r["gold_label"] is not None])
@@ -49,6 +50,7 @@ def summarize(rows: list[dict], overlap: int, pair_counts: dict[str, int], boots
         "progress": _clean(pair_counts["regular_judgments"] / target) if target else None,
         "alpha": _clean(agreement.krippendorff_alpha_nominal(units)),
         "percent_agreement": _clean(agreement.percent_agreement(units)),
+        "agreement_pairs": sum(len(v) >= 2 for v in units),  # the pairs agreement is measured on
         "left_win_rate": _clean(bias_all.value),
         "left_win_low": _clean(bias_all.low),
         "left_win_high": _clean(bias_all.high),

@@ -1,8 +1,9 @@
 """The collection web app: server-rendered pages for annotators and the admin, plus a small JSON API.
 
 Security model:
-- Every page and API route needs a credential: `Authorization: Bearer <annotator token>`, or the `rlhf_session`
-  cookie that signing in with the token sets. Anything else gets 401 (pages answer with the sign-in form, still
+- Every page and API route needs a credential: `Authorization: Bearer <annotator token>`, or the session cookie
+  that signing in with the token sets (`rlhf_session`, with the port when not 8765, `__Host-` prefixed over TLS:
+  see `routes.auth.cookie_name`). Anything else gets 401 (pages answer with the sign-in form, still
   401). Only `/static` (the app's own CSS/JS, no data) and the sign-in POST itself are open.
 - The cookie holds a random session id, never the token; the database stores only hashes of both. Signing out
   deletes the session, and `rlhf collect revoke-annotator` disables the token and deletes the sessions. Nothing is
@@ -14,9 +15,10 @@ Security model:
   `X-CSRF-Token`), an HMAC of the session under a per-database secret. Bearer requests need none: a browser never
   attaches that header on its own.
 - Model outputs are data: Jinja autoescaping renders them as text, and a strict Content-Security-Policy (no inline
-  script, no foreign origins) backs that up. Every response carries the security headers, 413 and 500 included.
+  script, no foreign origins) backs that up; invisible and bidi control characters are shown as codes. Every
+  response carries the security headers, 413 and 500 included.
 - Bodies over `server.max_body_bytes` get 413 before they are read; invalid input (wrong types - no coercion of
-  "2" or 2.0 or true to a strength -, NaN, text that is not valid Unicode) gets 4xx and stores nothing.
+  "2" or 2.0 or true to a strength -, NaN, text that is not valid Unicode or holds NUL) gets 4xx and stores nothing.
 
 The routes live in `rlhf.collect.routes` (sign-in, pages, JSON API, error handlers) and share one `CollectState`
 on `app.state.collect`; the body limit and the security headers are ASGI middleware (`rlhf.collect.middleware`).
@@ -30,7 +32,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from rlhf.collect.assign import Assigner
-from rlhf.collect.middleware import SECURITY_HEADERS, BodyLimit, SecurityHeaders, with_security_headers
+from rlhf.collect.middleware import SECURITY_HEADERS, BodyLimit, SecurityHeaders, TrustedProxy, with_security_headers
 from rlhf.collect.pairs import PairFeeder
 from rlhf.collect.routes import api, auth, errors, pages
 from rlhf.collect.routes.auth import (
@@ -64,5 +66,6 @@ def create_app(cfg: CollectConfig, store: Store, assigner: Assigner | None = Non
     for router in (auth.router, pages.router, api.router):
         app.router.routes.extend(router.routes)
     app.add_middleware(BodyLimit, max_bytes=cfg.server.max_body_bytes)
+    app.add_middleware(TrustedProxy, proxies=cfg.server.trusted_proxies)
     app.add_middleware(SecurityHeaders)  # added last = outermost: it also sees BodyLimit's own answers
     return app

@@ -18,9 +18,25 @@ class ServerSettings(Section):
     port: int = Field(8765, ge=0, le=65535, description="TCP port (0 = any free port)")
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies are refused with 413")
     max_rationale_chars: int = Field(2000, ge=0, description="longest free-text rationale accepted")
+    cookie_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_]{1,64}$",
+        description="session cookie name; null = rlhf_session on port 8765, rlhf_session_<port> on any other. Browsers "
+        "share cookies between the ports of one host, so two servers on one host need two names",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses of reverse proxies (e.g. 127.0.0.1) whose X-Forwarded-Host and "
+        "X-Forwarded-Proto are believed: needed behind a proxy that rewrites Host, or sign-in is refused"
+    )
     session_hours: float = Field(
         168, gt=0, description="a browser sign-in lasts this long unless the annotator signs out or is revoked first"
     )
+
+
+    def session_cookie(self) -> str:
+        """The session cookie's name (over TLS the app prefixes `__Host-`)."""
+        if self.cookie_name:
+            return self.cookie_name
+        return "rlhf_session" if self.port == 8765 else f"rlhf_session_{self.port}"
 
 
 class GenerationSettings(Section):
@@ -161,5 +177,6 @@ Read the prompt, then both responses, and pick the response you would rather rec
 - Rationale (optional): one sentence on why; it helps when annotators disagree.
 - Judge the content, never the position: A is not more likely to be better than B.
 
-Keyboard: A or Left arrow = A, B or Right arrow = B, T = tie, X = both bad, 1-3 = strength.
+Keyboard: A or Left arrow = A, B or Right arrow = B, T = tie, X = both bad, 1-3 = strength, S = skip the pair,
+U = undo your last judgment.
 """

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import secrets
 import threading
 import time
@@ -54,7 +56,10 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from rlhf.errors import UserError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 2
+SERVER_LOCK = 0x726C6866636F6C  # the PostgreSQL advisory lock a serving process holds (`Store.claim_server`)
 CHOICES = ("a", "b", "tie", "both_bad")  # canonical: relative to the stored response_a / response_b
 SIDES = ("left", "right", "tie", "both_bad")  # what an annotator clicks: relative to what they saw
 
@@ -190,6 +195,14 @@ class NewPair:
     gold_label: float | None = None
     uncertainty: float | None = None
 
+    def unstorable(self) -> str | None:
+        """Why this pair cannot be stored and served (a NUL or a lone surrogate somewhere), or None."""
+        for name in ("prompt", "response_a", "response_b", "source_a", "source_b", "task", "meta"):
+            problem = unstorable_text(getattr(self, name))
+            if problem:
+                return f"{name} contains {problem}"
+        return None
+
     def content_hash(self) -> str:
         payload = json.dumps(
             [self.prompt, self.response_a, self.response_b, self.source_a, self.source_b, self.gold_label is not None],
@@ -202,6 +215,42 @@ class NewPair:
 class StoredJudgment:
     id: int
     duplicate: bool  # True when this exact judgment had already been stored
+
+
+# A lone UTF-16 surrogate cannot be encoded as UTF-8 (SQLite's driver, JSON responses and HTML pages all fail on
+# it), and PostgreSQL refuses NUL in text. Python strings hold valid surrogate pairs as one code point, so any code
+# point in the surrogate range is a lone one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unstorable_text(value) -> str | None:
+    """What in a string (or the strings of a JSON-like value, keys included) cannot be stored, or None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a NUL character"
+        if _LONE_SURROGATE.search(value):
+            return "a lone surrogate (text that is not valid Unicode)"
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            problem = unstorable_text(item)
+            if problem:
+                return problem
+    return None
+
+
+def clean_text(value):
+    """A JSON-like value with lone surrogates replaced by U+FFFD: what an older database (or a hand edit) stored
+    escaped in a JSON column still renders and exports."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [clean_text(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(k): clean_text(v) for k, v in value.items()}
+    return value
 
 
 def hash_token(token: str) -> str:
@@ -287,6 +336,13 @@ class _RawQuery:
             connection.close()  # back to the pool, which rolls back whatever the driver began
 
 
+def shown_choice(choice: str, left: str) -> str:
+    """A stored choice in the words of the page its annotator saw (the response shown on the left is A there)."""
+    if choice in ("a", "b"):
+        return "A is better" if choice == left else "B is better"
+    return {"tie": "a tie", "both_bad": "both bad"}.get(choice, choice)
+
+
 def choice_from_side(side: str, left: str) -> str:
     """Translate what the annotator clicked ("left"/"right"/...) into the canonical choice ("a"/"b"/...)."""
     if side == "left":
@@ -294,6 +350,10 @@ def choice_from_side(side: str, left: str) -> str:
     if side == "right":
         return "b" if left == "a" else "a"
     return side
+
+
+def _decode_lenient(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -308,6 +368,9 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_connect(dbapi_connection, record):
         # Take transaction control from the sqlite3 module so writers can BEGIN IMMEDIATE (below).
         dbapi_connection.isolation_level = None
+        # A TEXT value that is not UTF-8 (written by another tool) would fail every query that reads its row, and
+        # with it every annotator the row is assigned to: read it with U+FFFD in place of the bad bytes instead.
+        dbapi_connection.text_factory = _decode_lenient
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: acknowledged = durable
@@ -369,6 +432,35 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def claim_server(self, wait_s: float = 3.0):
+        """Take the database for one serving process; returns the function that gives it back.
+
+        Assignment is serialized within one process (the write lock) and, on SQLite, across processes (BEGIN
+        IMMEDIATE), but not across processes on PostgreSQL, whose servers would also each lease by their own clock:
+        two servers there over-fill pairs past the overlap. So on PostgreSQL a serving process holds a session-level
+        advisory lock, and a second one is refused. `wait_s` covers a killed server whose connection the database
+        has not closed yet."""
+        if self.engine.dialect.name != "postgresql":
+            return lambda: None
+        conn = self.engine.connect()
+        deadline = time.monotonic() + wait_s
+        while not conn.execute(select(func.pg_try_advisory_lock(SERVER_LOCK))).scalar():
+            conn.rollback()
+            if time.monotonic() > deadline:
+                conn.close()
+                raise UserError(
+                    "another collection server is serving this database; one PostgreSQL database takes one server "
+                    "(stop the other one, or give this one its own database)"
+                )
+            time.sleep(0.2)
+        conn.commit()
+
+        def release() -> None:
+            conn.invalidate()  # closing the database session drops its advisory lock
+            conn.close()
+
+        return release
+
     def _ensure_schema(self) -> None:
         """Create the schema on an empty database; migrate an older one in place (one transaction, so a failed
         migration leaves the database as it was); refuse a newer one."""
@@ -424,6 +516,8 @@ class Store:
         name = name.strip()
         if not name or len(name) > 128:
             raise UserError("annotator name must be 1-128 characters")
+        if unstorable_text(name):
+            raise UserError(f"annotator name {name!r} contains {unstorable_text(name)}")
         token = secrets.token_urlsafe(24)
         try:
             with self.write() as conn:
@@ -495,11 +589,19 @@ class Store:
     # -- pairs ---------------------------------------------------------------------------------------------------
 
     def add_pairs(self, new_pairs: list[NewPair]) -> int:
-        """Store pairs whose content is not stored yet; returns how many were added."""
-        if not new_pairs:
+        """Store pairs whose content is not stored yet; returns how many were added. A pair with text no database
+        can store (`NewPair.unstorable`) is left out with a warning in the log; the others are stored."""
+        storable = []
+        for p in new_pairs:
+            problem = p.unstorable()
+            if problem:
+                log.warning("pair not stored: its %s (prompt starts %r)", problem, str(p.prompt)[:60])
+            else:
+                storable.append(p)
+        if not storable:
             return 0
         now = time.time()
-        by_hash = {p.content_hash(): p for p in new_pairs}
+        by_hash = {p.content_hash(): p for p in storable}
         with self.write() as conn:
             existing = set(conn.execute(select(pairs.c.content_hash).where(pairs.c.content_hash.in_(list(by_hash)))).scalars())
             rows = [
@@ -575,7 +677,7 @@ class Store:
                 choice = choice_from_side(side, asg.left)
                 existing = self._existing_judgment(conn, asg.pair_id, annotator_id)
                 if existing is not None:
-                    return self._as_duplicate(existing, choice)
+                    return self._as_duplicate(existing, choice, asg.left)
                 cutoff = time.time() - lease_seconds if lease_seconds is not None else None
                 if cutoff is not None and asg.gold_label is None and asg.issued_at <= cutoff:
                     # A late judgment: its lease no longer held a slot. (A live lease always has its slot - the
@@ -605,19 +707,56 @@ class Store:
         except IntegrityError:
             # Another process stored this annotator's judgment of the pair between our check and insert.
             with self.read() as conn:
-                pair_id = conn.execute(select(assignments.c.pair_id).where(assignments.c.id == assignment_id)).scalar_one()
+                pair_id, left = conn.execute(
+                    select(assignments.c.pair_id, assignments.c.left).where(assignments.c.id == assignment_id)
+                ).one()
                 existing = self._existing_judgment(conn, pair_id, annotator_id)
-            return self._as_duplicate(existing, choice)
+            return self._as_duplicate(existing, choice, left)
 
     @staticmethod
     def _existing_judgment(conn: Connection, pair_id: int, annotator_id: int):
         return conn.execute(_EXISTING, {"pair_id": pair_id, "annotator_id": annotator_id}).first()
 
     @staticmethod
-    def _as_duplicate(existing, choice: str) -> StoredJudgment:
+    def _as_duplicate(existing, choice: str, left: str) -> StoredJudgment:
         if existing.choice != choice:
-            raise ConflictingJudgment(f"pair already judged as {existing.choice!r}")
+            raise ConflictingJudgment(
+                f"you already judged this pair ({shown_choice(existing.choice, left)}); the first judgment stands"
+            )
         return StoredJudgment(existing.id, duplicate=True)
+
+    def skip(self, annotator_id: int, assignment_id: str) -> bool:
+        """Pass on a shown pair: its lease ends now, so the slot is free for others at once, and the assignment
+        stays, so the pair is not offered to this annotator again. Returns whether there was such a lease."""
+        with self.write(durable=False) as conn:
+            return conn.execute(assignments.update().where(
+                (assignments.c.id == assignment_id) & (assignments.c.annotator_id == annotator_id)
+                & assignments.c.completed.is_(False)
+            ).values(issued_at=0.0)).rowcount > 0
+
+    def undo_last(self, annotator_id: int, lease_seconds: float) -> int | None:
+        """Take back the annotator's latest judgment, if made within `lease_seconds`: it is deleted and its
+        assignment leased to them again from now, so the same pair (in the same order) is what they see next.
+        Their other live leases are dropped (the page had shown them the next pair, not judged); the slot count of
+        the pair stays within the overlap, as the new lease takes the slot the judgment held. Returns the pair id,
+        or None when there is nothing to undo."""
+        now = time.time()
+        with self.write() as conn:
+            last = conn.execute(
+                select(judgments.c.id, judgments.c.pair_id, judgments.c.assignment_id, judgments.c.created_at)
+                .where(judgments.c.annotator_id == annotator_id).order_by(judgments.c.id.desc()).limit(1)
+            ).first()
+            if last is None or last.created_at <= now - lease_seconds:
+                return None
+            conn.execute(assignments.delete().where(
+                (assignments.c.annotator_id == annotator_id) & assignments.c.completed.is_(False)
+                & (assignments.c.issued_at > now - lease_seconds)
+            ))
+            conn.execute(judgments.delete().where(judgments.c.id == last.id))
+            conn.execute(assignments.update().where(assignments.c.id == last.assignment_id)
+                         .values(completed=False, issued_at=now))
+            conn.execute(pairs.update().where(pairs.c.id == last.pair_id).values(judged=pairs.c.judged - 1))
+            return last.pair_id
 
     def count_judgments(self, annotator_id: int | None = None) -> int:
         query = select(func.count()).select_from(judgments)
@@ -668,10 +807,19 @@ class Store:
 
 
 def decode_pair(row) -> dict:
-    """A row mapping with the JSON columns decoded."""
+    """A row mapping with the JSON columns decoded. A prompt that is not JSON is served as the plain text it is,
+    unreadable metadata as none, and lone surrogates as U+FFFD: one bad row must not stop serving or export."""
     out = dict(row)
     if "prompt" in out:
-        out["prompt"] = json.loads(out["prompt"])
+        out["prompt"] = clean_text(_json_or(out["prompt"], out["prompt"]))
     if out.get("meta") is not None:
-        out["meta"] = json.loads(out["meta"])
+        out["meta"] = clean_text(_json_or(out["meta"], None))
     return out
+
+
+def _json_or(text: str, fallback):
+    try:
+        return json.loads(text)
+    except ValueError:
+        log.warning("a stored JSON value is not JSON: %r", text[:60])
+        return fallback

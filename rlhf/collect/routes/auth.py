@@ -12,7 +12,7 @@ from fastapi.responses import RedirectResponse
 from rlhf.collect.routes.state import CollectState, get_state
 from rlhf.collect.storage import Annotator, hash_token
 
-COOKIE = "rlhf_session"  # a session id
+COOKIE = "rlhf_session"  # a session id; the default name (server.cookie_name: other ports add theirs)
 LEGACY_COOKIE = "rlhf_token"  # schema-1 servers kept the token itself here: ignored, and deleted at sign-in/out
 MAX_TOKEN_CHARS = 256
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -42,7 +42,7 @@ async def caller(request: Request, state: CollectState = Depends(get_state)) -> 
         if annotator is None:
             raise HTTPException(401, "unknown or revoked token")
         return Caller(annotator, "token:" + hash_token(token), via_cookie=False)
-    session = request.cookies.get(COOKIE, "").strip()
+    session = request.cookies.get(cookie_name(request, state), "").strip()
     if not session or len(session) > MAX_TOKEN_CHARS:
         raise HTTPException(401, "sign in with your annotator token")
     annotator = state.store.session_annotator(session)
@@ -78,20 +78,31 @@ async def login(request: Request, token: str = Form("", max_length=MAX_TOKEN_CHA
     if annotator is None:
         raise HTTPException(401, "unknown or revoked token")
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(COOKIE, state.store.create_session(annotator.id, state.session_seconds), httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https", max_age=int(state.session_seconds))
+    response.set_cookie(cookie_name(request, state), state.store.create_session(annotator.id, state.session_seconds),
+                        httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/",
+                        max_age=int(state.session_seconds))
     response.delete_cookie(LEGACY_COOKIE)
     return response
 
 
 @router.post("/logout")
 def logout(request: Request, who: Caller = Depends(caller), state: CollectState = Depends(get_state)):
+    name = cookie_name(request, state)
     if who.via_cookie:
-        state.store.end_session(request.cookies.get(COOKIE, "").strip())
+        state.store.end_session(request.cookies.get(name, "").strip())
     response = RedirectResponse("/", status_code=303)
-    response.delete_cookie(COOKIE)
+    response.delete_cookie(name, secure=request.url.scheme == "https")
     response.delete_cookie(LEGACY_COOKIE)
     return response
+
+
+def cookie_name(request: Request, state: CollectState) -> str:
+    """The session cookie of this server. Over TLS it carries the `__Host-` prefix: browsers accept such a cookie
+    only from a secure origin, for this host alone and for path /, so a plain-HTTP service on another port of the
+    same host (or a sibling subdomain) cannot plant one and sign the visitor in as someone else. Over plain HTTP
+    nothing stops that; the page shows the signed-in name in its header for the visitor to check."""
+    name = state.cfg.server.session_cookie()
+    return "__Host-" + name if request.url.scheme == "https" else name
 
 
 def same_site_sign_in(request: Request) -> bool:

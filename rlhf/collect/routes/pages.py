@@ -1,4 +1,5 @@
-"""The server-rendered pages: judging (and its form post), the guidelines and the admin overview."""
+"""The server-rendered pages: judging (and its form posts: judge, skip, undo), the guidelines and the admin
+overview."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rlhf.collect.routes.auth import Caller, admin, caller
 from rlhf.collect.routes.state import CollectState, JudgmentIn, get_state, safe_errors
 
 router = APIRouter()
+RECENT_RATIONALES = 50  # the admin page lists this many of the latest non-empty rationales
 
 
 def prompt_turns(prompt) -> list[tuple[str, str]]:
@@ -33,9 +35,8 @@ def judge_page(who: Caller = Depends(caller), state: CollectState = Depends(get_
         csrf=state.csrf_for(who),
         mine=state.store.count_judgments(who.annotator.id),
         overall=counts["regular_judgments"],
-        target=counts["pairs"] * state.cfg.assignment.overlap,
+        target=state.judgment_target(counts),
         empty_status=None if item else state.status_when_empty(),
-        feeder_error=state.feeder.error if state.feeder else None,
         max_rationale=state.cfg.server.max_rationale_chars,
     )
 
@@ -61,6 +62,21 @@ def judge_form(
     return RedirectResponse("/", status_code=303)
 
 
+@router.post("/skip")
+def skip_form(who: Caller = Depends(caller), assignment_id: str = Form(..., max_length=64),
+              state: CollectState = Depends(get_state)):
+    state.store.skip(who.annotator.id, assignment_id)  # an unknown or finished one: nothing to pass on
+    return RedirectResponse("/", status_code=303)
+
+
+@router.post("/undo")
+def undo_form(who: Caller = Depends(caller), state: CollectState = Depends(get_state)):
+    if state.store.undo_last(who.annotator.id, state.cfg.assignment.lease_seconds) is None:
+        raise HTTPException(409, "nothing to undo: you have no judgment from the last "
+                                 f"{state.cfg.assignment.lease_seconds:g} seconds")
+    return RedirectResponse("/", status_code=303)
+
+
 @router.get("/guidelines", response_class=HTMLResponse)
 def guidelines_page(who: Caller = Depends(caller), state: CollectState = Depends(get_state)):
     return state.render("guidelines.html", me=who.annotator, csrf=state.csrf_for(who), guidelines=state.guidelines)
@@ -68,5 +84,7 @@ def guidelines_page(who: Caller = Depends(caller), state: CollectState = Depends
 
 @router.get("/admin", response_class=HTMLResponse)
 def admin_page(who: Caller = Depends(admin), state: CollectState = Depends(get_state)):
-    return state.render("admin.html", me=who.annotator, csrf=state.csrf_for(who), stats=state.stats(),
-                        feeder=state.feeder, overlap=state.cfg.assignment.overlap)
+    rows = state.store.judgment_rows()
+    rationales = [r for r in reversed(rows) if r["rationale"].strip()][:RECENT_RATIONALES]
+    return state.render("admin.html", me=who.annotator, csrf=state.csrf_for(who), stats=state.stats(rows),
+                        feeder=state.feeder, overlap=state.cfg.assignment.overlap, rationales=rationales)
