@@ -1,6 +1,6 @@
 """Two chat tasks for a real pretrained chat model, with hidden gold scorers that read free English text.
 
-- ``"chat_add"``: "What is 47 + 38? Reply with just the number." Verifiable: gold 1.0 when the first integer of the
+- ``"chat_add"``: "What is 47 + 38? Reply with just the number." Verifiable: gold 1.0 when the last integer of the
   answer is the sum, else 0.0.
 - ``"chat_review"``: "Write a short review of a red kettle." Open-ended: a hidden rubric in [-1, 1] that the reward
   model learns only from simulated annotators' Bradley-Terry-noisy preferences (`SimulatedAnnotator`).
@@ -31,9 +31,10 @@ REVIEW_WORDS = (25, 60)  # a "short review": full length credit inside, none pas
 
 
 def add_answer_score(completion: str, answer: int) -> float:
-    """1.0 when the first integer in the text is `answer` (thousands separators allowed), else 0.0."""
-    match = re.search(r"-?\d[\d,]*", completion)
-    return float(match is not None and match.group().replace(",", "") == str(answer))
+    """1.0 when the last integer in the text is `answer` (thousands separators allowed), else 0.0: the conclusion
+    counts, so "47 + 38 = 85" is right and "47 + 38 = 114" is not."""
+    numbers = re.findall(r"-?\d[\d,]*", completion)
+    return float(bool(numbers) and numbers[-1].rstrip(",").replace(",", "") == str(answer))
 
 
 def review_score(product: str, completion: str) -> float:
