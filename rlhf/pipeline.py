@@ -7,6 +7,8 @@ an interrupted one resumes from its last checkpoint; a changed one reruns, and s
 from __future__ import annotations
 
 import ast
+import contextlib
+import errno
 import hashlib
 import importlib
 import importlib.util
@@ -26,7 +28,7 @@ from rlhf.config import (
 from rlhf.distributed import process_state
 from rlhf.errors import UserError
 from rlhf.tracking import Tracker
-from rlhf.training import NonFiniteError, latest_checkpoint, remove_checkpoints
+from rlhf.training import NonFiniteError, latest_checkpoint, remove_checkpoints, usable_checkpoint
 
 # stage kind -> the module of its recipe (exposes `Config` and `run(cfg, ctx)`), imported only when the stage runs
 # (torchtune's recipe registry by path): `rlhf sft` never imports the web app. Adding a stage is one line here.
@@ -82,43 +84,85 @@ def run_stage(
     name = name or kind
     out = Path(cfg.output_dir)
     fingerprint = _combined_fingerprint(cfg, input_fingerprints or {})
-    decision = _claim_on_main(out, stage=name, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=force,
-                              rerun=rerun)
+    config = cfg.model_dump(mode="json")
+    config.pop("output_dir", None)
+    claim = {"stage": name, "kind": kind, "fingerprint": fingerprint, "overwrite": overwrite, "rerun": rerun,
+             "inputs": stage_dir.input_paths(config)}
+    decision = _claim_on_main(out, fresh=force, **claim)
     if decision == "complete":
         manifest = stage_dir.read_manifest(out)
+        if _is_main_process():  # what a kill right after the stage completed left behind
+            remove_checkpoints(out)
+            stage_dir.remove_temporaries(out)
         print(f"[{name}] complete with an unchanged config: skipped ({out})")
         return {"status": "skipped", "fingerprint": fingerprint, "metrics": manifest.get("metrics", {})}
 
     resume_step = None
-    if decision == "resume" and (ckpt := latest_checkpoint(out)) is not None:
-        resume_step = int(ckpt.name.split("-")[-1])
+    if decision == "resume":
+        decision, resume_step = _resume_from(out, claim)
     print(f"[{name}] {'resuming' if decision == 'resume' else 'running'} {kind} -> {out}")
-    save_config(cfg, out / stage_dir.CONFIG_FILE)
-    tracker = Tracker(out, cfg.tracking, job_type=kind, name=name, config=cfg.model_dump(mode="json"),
-                      resume_step=resume_step, enabled=_is_main_process())
-    ctx = stage_dir.StageContext(name=name, kind=kind, dir=out, tracker=tracker, resume=decision == "resume", debug=debug)
-    started = time.monotonic()
+    tracker = None
     try:
+        if _is_main_process():
+            stage_dir.atomic_write(out / stage_dir.CONFIG_FILE, lambda tmp: save_config(cfg, tmp))
+        tracker = Tracker(out, cfg.tracking, job_type=kind, name=name, config=cfg.model_dump(mode="json"),
+                          resume_step=resume_step, enabled=_is_main_process())
+        ctx = stage_dir.StageContext(name=name, kind=kind, dir=out, tracker=tracker, resume=decision == "resume",
+                                     debug=debug)
+        started = time.monotonic()
         metrics = module.run(cfg, ctx)
     except BaseException as exc:
         if _is_main_process():
-            stage_dir.finish(out, stage=name, kind=kind, fingerprint=fingerprint, status="failed")
-        tracker.finish()
-        if isinstance(exc, NonFiniteError):  # say what is left on disk: no model, the last good checkpoint
-            ckpt = latest_checkpoint(out)
-            kept = f"its last good checkpoint {ckpt} is kept" if ckpt else "it wrote no checkpoint (train.save_every)"
+            with contextlib.suppress(OSError):  # on a full disk the manifest stays `running`: resumable all the same
+                stage_dir.finish(out, stage=name, kind=kind, fingerprint=fingerprint, status="failed")
+        if tracker is not None:
+            tracker.finish()
+        # say what is left on disk: no model, the last good checkpoint
+        ckpt = latest_checkpoint(out)
+        kept = f"its last good checkpoint {ckpt} is kept" if ckpt else "it wrote no checkpoint (train.save_every)"
+        if isinstance(exc, NonFiniteError):
             raise NonFiniteError(f"stage '{name}': {exc}; the stage is marked failed and no model was saved; {kept}") from exc
+        if (failure := _write_failure(exc)) is not None:
+            raise UserError(f"stage '{name}': {failure}; the stage is marked failed and {kept}; free space and rerun "
+                            "the same command to resume") from exc
         raise
     metrics = {k: float(v) for k, v in metrics.items()}
     if _is_main_process():
-        remove_checkpoints(out)
         stage_dir.finish(
             out, stage=name, kind=kind, fingerprint=fingerprint, status="complete", metrics=metrics,
             inputs=input_fingerprints or {}, seconds=round(time.monotonic() - started, 2),
         )
+        remove_checkpoints(out)  # after `complete`: a kill while deleting them leaves no half checkpoint to resume
     tracker.summary(metrics)
     tracker.finish()
+    if _is_main_process():
+        stage_dir.remove_temporaries(out)
     return {"status": "ran", "fingerprint": fingerprint, "metrics": metrics}
+
+
+def _resume_from(out: Path, claim: dict) -> tuple[str, int | None]:
+    """(decision, step) for an interrupted stage: the step of its newest usable checkpoint (None: from the start);
+    with `overwrite`, a stage none of whose checkpoints is usable starts over."""
+    try:
+        ckpt = usable_checkpoint(out)
+    except UserError:
+        if not claim["overwrite"]:
+            raise
+        print(f"[{claim['stage']}] no checkpoint is usable: --overwrite starts the stage over")
+        return _claim_on_main(out, fresh=True, **claim), None
+    if _is_main_process():
+        stage_dir.remove_temporaries(out)  # what the killed attempt was writing
+    return "resume", int(ckpt.name.split("-")[-1]) if ckpt is not None else None
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """What a failed write says in one line (a full disk, a quota), or None when `exc` is something else. torch
+    reports a full disk as a RuntimeError of its zip writer."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})"
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in str(exc) or "inline_container" in str(exc)):
+        return f"torch could not write a file ({str(exc).strip().splitlines()[0][:200]}): is the disk full?"
+    return None
 
 
 def _is_main_process() -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from rlhf.errors import UserError
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
+TMP_PREFIX = ".tmp"  # what a killed write leaves (ours, and safetensors' `.tmpXXXXXX`): never part of an artifact
 
 
 @dataclass
@@ -44,17 +47,70 @@ def read_manifest(directory: str | Path) -> dict | None:
         return {"tool": "?"}
 
 
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> None:
+    """Write `path` (text, bytes, or `data(tmp_path)` writing it) under a temporary name beside it, then rename: a
+    kill or a full disk leaves the old file or the new one, never half of one, and no temporary."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}-{os.getpid()}-{path.name}")  # created as open() does: the umask's mode
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_into(directory: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp_dir)` into a temporary directory inside `directory`, then each file it wrote renamed into place: a
+    kill leaves whole files only (and the temporary directory, removed later), a failure removes the temporary."""
+    directory = Path(directory)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=f"{TMP_PREFIX}-save-"))
+    try:
+        write(staging)
+        for src in sorted(staging.rglob("*")):
+            if src.is_file():
+                dest = directory / src.relative_to(staging)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_manifest(directory: str | Path, manifest: dict) -> None:
     """Atomic: a reader sees the old manifest or the new one, never half of one."""
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(Path(directory) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def remove_temporaries(directory: str | Path) -> None:
+    """Delete what killed writes left in a stage directory and its subdirectories (checkpoints/, critic/...)."""
+    directory = Path(directory)
+    for path in [*directory.glob(f"{TMP_PREFIX}*"), *directory.glob(f"*/{TMP_PREFIX}*")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def input_paths(config: Any, prefix: str = "") -> list[tuple[str, Path]]:
+    """(dotted key, path) of every string in a config (a dumped dict) that names an existing file or directory:
+    the stage's inputs (model.path, data.train, reward models...), whatever the recipe calls them."""
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(config))
+    else:
+        return [(prefix, Path(config))] if isinstance(config, str) and config and os.path.exists(config) else []
+    return [found for key, value in items for found in input_paths(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def claim(
     directory: str | Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool = False, fresh: bool = False,
-    rerun: bool = False,
+    rerun: bool = False, inputs: list[tuple[str, Path]] = (),
 ) -> str:
     """Decide what to do with `directory` for a stage whose config hashes to `fingerprint`.
 
@@ -62,12 +118,13 @@ def claim(
     checkpoints) or "fresh". A directory that holds files rlhf did not write is never touched; one that holds
     another config's artifact is replaced only with `overwrite`; `fresh` starts over even when the config matches.
     `rerun` (a pipeline's changed stage) and `fresh` replace only the same stage's own artifact (same stage name and
-    kind): another kind's or another stage's artifact, complete or not, is deleted only with `overwrite`.
+    kind): another kind's or another stage's artifact, complete or not, is deleted only with `overwrite`. A directory
+    that is or holds one of the stage's `inputs` ((key, path) pairs) is never deleted: the stage would lose its input.
     """
     directory = Path(directory)
     try:
         return _claim(directory, stage=stage, kind=kind, fingerprint=fingerprint, overwrite=overwrite, fresh=fresh,
-                      rerun=rerun)
+                      rerun=rerun, inputs=inputs)
     except OSError as exc:  # not writable, an over-long name, a file in the way...
         reason = exc.strerror or str(exc)
         raise UserError(f"output_dir {directory}: cannot use it as the stage's directory ({reason})") from None
@@ -91,7 +148,8 @@ def check_output_dir(directory: str | Path) -> None:
         raise UserError(f"output_dir {directory}: {existing} is not writable; choose another output_dir")
 
 
-def _claim(directory: Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool, fresh: bool, rerun: bool) -> str:
+def _claim(directory: Path, *, stage: str, kind: str, fingerprint: str, overwrite: bool, fresh: bool, rerun: bool,
+           inputs: list[tuple[str, Path]]) -> str:
     check_output_dir(directory)
     manifest = read_manifest(directory)
     if manifest is None:
@@ -106,7 +164,9 @@ def _claim(directory: Path, *, stage: str, kind: str, fingerprint: str, overwrit
         if manifest.get("status") == "complete":
             return "complete"
         return "resume"
-    elif not overwrite:
+    # from here on the directory is replaced: first make sure that deletes none of the stage's inputs
+    _refuse_deleting_inputs(directory, inputs)
+    if manifest is not None and not overwrite:
         state = "a complete" if manifest.get("status") == "complete" else "an incomplete"
         own = manifest.get("kind") == kind and manifest.get("stage") == stage
         if not own:
@@ -125,6 +185,18 @@ def _claim(directory: Path, *, stage: str, kind: str, fingerprint: str, overwrit
     directory.mkdir(parents=True)
     write_manifest(directory, _manifest(stage, kind, fingerprint, "running"))
     return "fresh"
+
+
+def _refuse_deleting_inputs(directory: Path, inputs: list[tuple[str, Path]]) -> None:
+    if not directory.exists():
+        return
+    root = directory.resolve()
+    for key, path in inputs:
+        resolved = path.resolve()
+        if resolved == root or root in resolved.parents:
+            where = "is" if resolved == root else "holds"
+            raise UserError(f"output_dir {directory} {where} this stage's input {key}={path}: replacing the directory "
+                            "would delete it before the stage reads it; choose another output_dir")
 
 
 def _manifest(stage: str, kind: str, fingerprint: str, status: str, **extra) -> dict:

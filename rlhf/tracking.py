@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from rlhf.config import TrackingSettings
+from rlhf.stage import atomic_write
 
 log = logging.getLogger("rlhf")
 
@@ -77,10 +78,10 @@ class Tracker:
         """Empty `path`, or on resume keep only its rows up to `resume_step`."""
         if not path.exists() or resume_step is None:
             if not keep_missing or path.exists():
-                path.write_text("")
+                atomic_write(path, "")
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line, row in _rows(path) if row.get("step", 0) <= resume_step]
+        atomic_write(path, "".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record `metrics` (tensors become floats) at optimizer step `step`."""
@@ -117,8 +118,21 @@ class Tracker:
 
 def read_metrics(directory: str | Path) -> list[dict]:
     """The rows of `<dir>/metrics.jsonl`."""
-    path = Path(directory) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [row for _, row in _rows(Path(directory) / METRICS_FILE)]
+
+
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each JSON row of a .jsonl file this module appends to, leaving out a line a kill or a full
+    disk cut off."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", initial: int = 0) -> Iterator:

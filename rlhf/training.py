@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 import weakref
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from rlhf.config import OptimSettings
 from rlhf.distributed import reduce_metrics, sharded_parameters
 from rlhf.errors import UserError
+from rlhf.stage import TMP_PREFIX, atomic_write, write_into
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +94,39 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def save_checkpoint(accelerator, stage_dir: Path, step: int, counters: dict, keep: int = 1) -> Path:
-    """Write `checkpoints/step-XXXXXX` atomically (written under a temporary name, then renamed)."""
+    """Write `checkpoints/step-XXXXXX` atomically (written under a temporary name, then renamed); a write that fails
+    (a full disk, Ctrl-C) removes its temporary directory."""
     root = Path(stage_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
+    tmp = root / f"{TMP_PREFIX}-step-{step:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    # safetensors refuses tied weights (embeddings shared with the LM head), so use torch's format here
-    accelerator.save_state(str(tmp), safe_serialization=False)
+    try:
+        # safetensors refuses tied weights (embeddings shared with the LM head), so use torch's format here
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        if accelerator.is_main_process:
+            atomic_write(tmp / "state.json", json.dumps({"step": step, **counters}))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
         if final.exists():  # left by an attempt killed after the rename but before it pruned
-            shutil.rmtree(final)
+            _delete(final)
         os.replace(tmp, final)
         for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
+            _delete(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a kill midway leaves a temporary directory (removed later), never half a checkpoint."""
+    trash = path.with_name(f"{TMP_PREFIX}-deleted-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
@@ -117,20 +134,55 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a resume cannot load checkpoint `path` (what a kill or a full disk leaves), or None."""
+    try:
+        json.loads((path / "state.json").read_text())["step"]
+    except FileNotFoundError:
+        return "its state.json is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its state.json is unreadable"
+    for file in sorted(path.iterdir()):  # torch files are zip archives: a cut one has no central directory
+        if file.suffix in (".bin", ".pkl", ".pt") and file.is_file() and not zipfile.is_zipfile(file):
+            return f"its {file.name} is truncated"
+    return None
+
+
+def usable_checkpoint(stage_dir: Path, quiet: bool = False) -> Path | None:
+    """The newest checkpoint a resume can load, skipping (with a note unless `quiet`) any a kill or a full disk cut.
+    UserError when there are checkpoints but none is usable."""
+    found = sorted((Path(stage_dir) / CHECKPOINTS).glob("step-*"), reverse=True)
+    for ckpt in found:
+        if (problem := checkpoint_problem(ckpt)) is None:
+            return ckpt
+        if not quiet:
+            print(f"checkpoint {ckpt} cannot be resumed from ({problem}): trying the one before")
+    if found:
+        raise UserError(f"cannot resume: no usable checkpoint in {found[0].parent} (the newest, {found[0].name}: "
+                        f"{checkpoint_problem(found[0])}); remove {found[0].parent} to start this stage again from "
+                        "step 0, or pass --overwrite to start over")
+    return None
+
+
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG states; return the counters (step, samples, tokens...)."""
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # damage the file checks cannot see
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"cannot resume from {path} ({reason}); remove {path} to resume from the checkpoint before "
+                        "it (or from step 0)") from exc
     return json.loads((path / "state.json").read_text())
 
 
 def resume_state(accelerator, ctx) -> tuple[int, dict, "StepTimer"]:
-    """(first step, counters, timer): restored from the last checkpoint when the stage is resuming, else zero.
+    """(first step, counters, timer): restored from the last usable checkpoint when the stage is resuming, else zero.
 
     Model, optimizer, scheduler and RNG are restored in place by accelerate; the data order needs only the step.
     """
     counters = {"samples": 0, "tokens": 0, "seconds": 0.0}
     start = 0
-    if ctx.resume and (ckpt := latest_checkpoint(ctx.dir)) is not None:
+    if ctx.resume and (ckpt := usable_checkpoint(ctx.dir, quiet=True)) is not None:  # the runner told already
         counters = load_checkpoint(accelerator, ckpt)
         start = counters.pop("step")
         print(f"resuming {ctx.name} from {ckpt.name}")
@@ -144,7 +196,8 @@ def is_due(every: int, done: int, max_steps: int) -> bool:
 
 def remove_checkpoints(stage_dir: Path) -> None:
     """Resumable state is only useful while a stage is unfinished; a complete stage keeps its final model."""
-    shutil.rmtree(Path(stage_dir) / CHECKPOINTS, ignore_errors=True)
+    if (Path(stage_dir) / CHECKPOINTS).exists():
+        _delete(Path(stage_dir) / CHECKPOINTS)
 
 
 class StepTimer:
@@ -300,12 +353,13 @@ def end_of_step(ctx, accelerator, train, done: int, counters: dict, timer: StepT
 def final_eval_and_save(ctx, accelerator, policy, metrics: dict, evaluate, counters: dict, timer: StepTimer,
                         max_steps: int, merged: bool = False) -> dict:
     """A policy stage's last step: final evaluation logged at `max_steps`, then the bare policy saved in Hugging Face
-    format by the main process (the adapter, or with `merged` the merged model). Returns `metrics` updated."""
+    format by the main process (the adapter, or with `merged` the merged model), through a temporary directory so
+    that a kill or a full disk never leaves a half-written file beside the others. Returns `metrics` updated."""
     metrics = {**reduce_metrics(accelerator, metrics), **evaluate()}
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=max_steps)
     # sharded parameters (FSDP / ZeRO-3) are gathered into one state dict first: every process takes part
     state_dict = accelerator.get_state_dict(policy.model) if sharded_parameters(accelerator) else None
     if accelerator.is_main_process:
-        policy.unwrapped(accelerator).save(ctx.dir, merged=merged, state_dict=state_dict)
+        write_into(ctx.dir, lambda tmp: policy.unwrapped(accelerator).save(tmp, merged=merged, state_dict=state_dict))
     accelerator.wait_for_everyone()
     return metrics

@@ -39,7 +39,7 @@ from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
 from rlhf.losses import aggregate, dpo_loss
 from rlhf.policy import PolicyModel
-from rlhf.stage import StageContext
+from rlhf.stage import StageContext, atomic_write
 from rlhf.tracking import progress
 from rlhf.training import (
     MetricSums, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
@@ -368,8 +368,7 @@ def _precomputed_reference(policy: PolicyModel, splits: dict[str, list[PairToken
     resumed stage loads them instead."""
     path = ctx.dir / REF_LOGPS_FILE
     sizes = {name: len(rows) for name, rows in splits.items()}
-    if ctx.resume and path.is_file():
-        saved = torch.load(path)
+    if ctx.resume and path.is_file() and (saved := _saved_reference(path)) is not None:
         if {name: len(t) for name, t in saved.items()} == sizes:
             print(f"{ctx.name}: reusing the precomputed reference log-probs in {path}")
             return saved
@@ -389,7 +388,22 @@ def _precomputed_reference(policy: PolicyModel, splits: dict[str, list[PairToken
             out[name] = torch.cat(parts) if parts else torch.zeros(0, 2)
     policy.model.train(was_training)
     if accelerator.is_main_process:
-        torch.save(out, path)
+        atomic_write(path, lambda tmp: torch.save(out, tmp))
     accelerator.wait_for_everyone()
     return out
+
+
+def _saved_reference(path) -> dict[str, torch.Tensor] | None:
+    """The reference log-probs a previous attempt saved, or None when the file is unreadable (cut by a kill or a full
+    disk): they are only a cache, so they are computed again."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        print(f"{path} is unreadable ({reason}): computing the reference log-probs again")
+        return None
+    if isinstance(saved, dict) and all(isinstance(t, torch.Tensor) for t in saved.values()):
+        return saved
+    print(f"{path} does not hold reference log-probs: computing them again")
+    return None
 
