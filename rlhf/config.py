@@ -10,6 +10,8 @@ import codecs
 import difflib
 import hashlib
 import json
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -152,7 +154,7 @@ class TrackingSettings(Section):
 class StageConfig(Section):
     """Fields every stage has. A stage's own config subclasses this."""
 
-    seed: int = Field(0, description="seed for data order, init and sampling")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for data order, init and sampling (0 ≤ seed < 2³²)")
     output_dir: str = Field("runs/stage", description="where the stage writes its artifacts")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="experiment tracking")
 
@@ -192,6 +194,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             out[key.strip()] = raw
+        except RecursionError:
+            raise UserError(f"override {key.strip()!r}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
+        check_shape(out[key.strip()], f"override {key.strip()!r}")
     return out
 
 
@@ -200,12 +205,16 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     list: "rewards.0.model" sets the `model` of the first reward component."""
     parts = key.split(".")
     node: Any = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = _list_item(node, part, key)
             continue
-        if not isinstance(node.get(part), (dict, list)):
+        if node.get(part) is None:
             node[part] = {}
+        elif not isinstance(node[part], (dict, list)):  # `train: 5` is an error, whatever the command line adds
+            head = ".".join(parts[:i + 1])
+            raise UserError(f"config key '{head}' is {short_repr(node[part])}, not a mapping of keys, so '{key}' "
+                            "cannot be set in it")
         node = node[part]
     if isinstance(node, list):
         node[_list_index(node, parts[-1], key)] = value
@@ -277,9 +286,50 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply (a config has at most {MAX_CONFIG_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    check_shape(data, str(path))
     return data
+
+
+MAX_CONFIG_DEPTH = 50  # far more than any config needs, far less than what overflows the stack of yaml / pydantic
+MAX_CONFIG_VALUES = 100_000  # values once YAML aliases are expanded: an alias bomb expands to billions
+
+
+def check_shape(data: Any, where: str) -> None:
+    """Refuse a loaded config that is nested too deeply, that refers to itself, or whose YAML aliases expand past
+    `MAX_CONFIG_VALUES` values (validation, error messages and saving would all expand them). Aliased nodes are
+    measured once, so this takes time in the size of the file, not of its expansion."""
+    if not isinstance(data, (dict, list)):
+        return
+    measured: dict[int, tuple[int, int]] = {}  # id of a container -> (values, levels) once expanded
+    open_: set[int] = set()
+    stack: list[tuple[Any, str | None, bool]] = [(data, None, False)]
+    while stack:
+        node, top, done = stack.pop()
+        children = [c for c in (node.values() if isinstance(node, dict) else node) if isinstance(c, (dict, list))]
+        under = f" (under key '{top}')" if top is not None else ""
+        if done:
+            open_.discard(id(node))
+            size = len(node) + 1 + sum(measured[id(c)][0] - 1 for c in children)
+            levels = 1 + max((measured[id(c)][1] for c in children), default=0)
+            if size > MAX_CONFIG_VALUES:
+                raise UserError(f"{where}: YAML aliases expand to more than {MAX_CONFIG_VALUES:,} values{under}; "
+                                "write the values out instead")
+            if levels > MAX_CONFIG_DEPTH:
+                raise UserError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep{under}")
+            measured[id(node)] = (size, levels)
+        elif id(node) in open_:
+            raise UserError(f"{where}: a YAML alias refers to a node that contains it{under}")
+        elif id(node) not in measured:
+            open_.add(id(node))
+            stack.append((node, top, True))
+            keys = [str(k) for k in node] if isinstance(node, dict) else [None] * len(node)
+            for key, child in zip(keys, node.values() if isinstance(node, dict) else node):
+                if isinstance(child, (dict, list)):
+                    stack.append((child, top if top is not None else key, False))
 
 
 def valid_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
@@ -327,11 +377,24 @@ def validate(schema: type[Section], data: dict, source: str = "config") -> Secti
             sub = next((k for k in valid_keys(schema) if k.startswith(key + ".")), None)
             example = f" such as '{sub}'" if sub else ""
             raise UserError(
-                f"{source}: config key '{key}' is a section: give it a mapping of keys{example}; got {err.get('input')!r}"
+                f"{source}: config key '{key}' is a section: give it a mapping of keys{example}; got {short_repr(err.get('input'))}"
             ) from None
         expected = _expected_type(schema, key)
+        if err["type"] == "literal_error":  # `dtype: bogus`: the closest of the allowed values
+            allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+            match = difflib.get_close_matches(str(err.get("input")), allowed, n=1, cutoff=0.0)
+            expected = f" (did you mean '{match[0]}'?)" if match else expected
         msg = err["msg"].removeprefix("Value error, ").lower()
-        raise UserError(f"{source}: config key '{key}' {msg}{expected}; got {err.get('input')!r}") from None
+        raise UserError(f"{source}: config key '{key}' {msg}{expected}; got {short_repr(err.get('input'))}") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def short_repr(value: Any) -> str:
+    """A repr cut to a few dozen characters (an expanded alias bomb has billions; an error line shows a glimpse)."""
+    return _REPR.repr(value)
 
 
 def _expected_type(schema: type[BaseModel], dotted: str) -> str:
@@ -354,9 +417,13 @@ def load_config(schema: type[Section], path: str | Path | None, overrides: dict[
     keeps the default tokenizer); a YAML section replaces the default section as a whole.
     """
     data = read_yaml(path) if path is not None else _defaults(schema)
+    source = str(path) if path is not None else "config"
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
-    return validate(schema, data, source=str(path) if path is not None else "config")
+        try:
+            set_dotted(data, key, value)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
+    return validate(schema, data, source=source)
 
 
 def _defaults(schema: type[Section]) -> dict:

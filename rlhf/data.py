@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
+# Text no model can read: ~a million-token context at 4 characters a token. A field past this is refused before any
+# tokenizer sees it (tokenizing hundreds of MB aborts the process).
+MAX_TEXT_CHARS = 1 << 22
+MAX_RECORD_DEPTH = 50  # nesting of one record (chat messages are 3 deep); deeper would overflow the stack later
+CHARS_PER_TOKEN = 64  # no token is longer: text of more than n × this characters is certainly more than n tokens
+
 
 class Record(dict):
     """One example as a dict, plus `.origin` ("file:line" or "name[index]") for error messages."""
@@ -48,7 +54,25 @@ def load_records(source: str | Path, split: str = "train") -> list[Record]:
         records = _read_hub_dataset(source, split)
     if not records:
         raise UserError(f"{source}: dataset is empty")
+    for rec in records:
+        check_record(rec)
     return records
+
+
+def check_record(record: Record) -> None:
+    """Refuse a record with a text field longer than `MAX_TEXT_CHARS` or nested deeper than `MAX_RECORD_DEPTH`."""
+    stack: list[tuple[dict | list, str, int]] = [(record, "", 0)]
+    while stack:
+        node, name, depth = stack.pop()
+        if depth >= MAX_RECORD_DEPTH:
+            raise UserError(f"{record.origin}: field '{name.split('.')[0]}' is nested more than {MAX_RECORD_DEPTH} "
+                            "levels deep")
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+                raise UserError(f"{record.origin}: field '{name}{key}' is {len(value):,} characters, more than the "
+                                f"{MAX_TEXT_CHARS:,} any model context holds; shorten it or drop the record")
+            if isinstance(value, (dict, list)):
+                stack.append((value, f"{name}{key}.", depth + 1))
 
 
 def _read_file(path: Path) -> list[Record]:
@@ -66,6 +90,8 @@ def _read_file(path: Path) -> list[Record]:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: JSON nested too deeply (a record has at most {MAX_RECORD_DEPTH} levels)") from None
         return [Record.at(_require_object(row, f"{path}[{i}]"), f"{path}[{i}]") for i, row in enumerate(rows)]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -75,6 +101,8 @@ def _read_file(path: Path) -> list[Record]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply (a record has at most {MAX_RECORD_DEPTH} levels)") from None
         records.append(Record.at(_require_object(row, f"{path}:{lineno}"), f"{path}:{lineno}"))
     return records
 
@@ -190,13 +218,40 @@ def load_task_prompts(source: str | Path, tasks: list[str] | None, limit: int | 
     return records[:limit]
 
 
-def load_rl_prompts(source: str | Path, tasks: list[str] | None, limit: int | None, tokenizer) -> list[Record]:
+def load_rl_prompts(source: str | Path, tasks: list[str] | None, limit: int | None, tokenizer,
+                    max_prompt_tokens: int | None = None) -> list[Record]:
     """Prompt records for an RL stage (`load_task_prompts`), with `prompt` as text (chat-message prompts rendered
-    through the tokenizer's template)."""
+    through the tokenizer's template). A prompt of more than `max_prompt_tokens` tokens (`prompt_budget`) is an
+    error naming its record."""
     records = load_task_prompts(source, tasks, limit)
     for r in records:
         r["prompt"] = prompt_text(r, tokenizer)
+        if max_prompt_tokens is not None:
+            _check_prompt_length(r, tokenizer, max_prompt_tokens)
     return records
+
+
+def prompt_budget(model_config, max_new_tokens: int, key: str = "sampling.max_new_tokens") -> int | None:
+    """Tokens a prompt may have so that it and `max_new_tokens` fit the model's context (`max_position_embeddings`);
+    None when the model config names no context. `key` is the config key of `max_new_tokens`, for the error."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return None
+    if max_new_tokens >= context:
+        raise UserError(f"config key '{key}' is {max_new_tokens}, but the model's context is {context} tokens "
+                        "(max_position_embeddings): no room is left for a prompt")
+    return context - max_new_tokens
+
+
+def _check_prompt_length(record: Record, tokenizer, max_tokens: int) -> None:
+    text = record["prompt"]
+    why = "(the model's context minus the response budget)"
+    if len(text) > max_tokens * CHARS_PER_TOKEN:  # surely too long: not worth tokenizing
+        raise UserError(f"{record.origin}: prompt is {len(text):,} characters, far more than the {max_tokens} tokens "
+                        f"a prompt may have {why}")
+    n = len(encode_prompt(text, tokenizer))
+    if n > max_tokens:
+        raise UserError(f"{record.origin}: prompt is {n} tokens, more than the {max_tokens} a prompt may have {why}")
 
 
 def prompt_text(record: Record, tokenizer) -> str:
@@ -233,6 +288,16 @@ def tokenize_sft(
         prompt, completion = sft_texts(rec, tokenizer)
         if not completion.strip():
             raise UserError(f"{rec.origin}: field 'completion' is empty")
+        # text far longer than max_length tokens is not tokenized whole: the prompt is overlong, the completion is cut
+        completion = completion[:max_length * CHARS_PER_TOKEN]
+        if len(prompt) > max_length * CHARS_PER_TOKEN:
+            if skip_overlong_prompts:
+                skipped += 1
+                continue
+            raise UserError(
+                f"{rec.origin}: prompt is {len(prompt):,} characters, far more than max_length={max_length} tokens "
+                "(policy: overlong prompts are errors; set data.skip_overlong_prompts=true to drop them)"
+            )
         prompt_ids = encode_prompt(prompt, tokenizer)
         if len(prompt_ids) >= max_length:
             if skip_overlong_prompts:

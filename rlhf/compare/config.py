@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -91,7 +91,8 @@ class CompareConfig(Section):
     output_dir: str = Field("runs/compare", description="runs go to <output_dir>/<algorithm>[/<sweep value>]/seed-<s>")
     base: str = Field(description="the SFT checkpoint every run starts from (sets each run's model.path)")
     prepare: PrepareSettings | None = Field(None, description="pipeline stages that make `base` (null = it already exists)")
-    seeds: list[int] = Field(min_length=1, description="seeds; every algorithm runs with each (3 or more for CIs)")
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(
+        min_length=1, description="seeds, each in [0, 2³²); every algorithm runs with each (3 or more for CIs)")
     budget: Budget = Field(description="the equal budget of every run: samples or tokens")
     shared: dict[str, Any] = Field(
         default_factory=dict,

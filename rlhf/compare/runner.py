@@ -249,6 +249,11 @@ def run_comparison(path: str, overrides: list[str] | None = None, *, report_only
     stage_dir.check_output_dir(cfg.output_dir)
     runs = plan(cfg)
     out = Path(cfg.output_dir)
+    if report_only and not (out / PLAN_FILE).is_file() and not any(stage_dir.read_manifest(r.dir) for r in runs):
+        raise UserError(f"--report-only: nothing to report in {out}: no run of this comparison has started there "
+                        "(run it without --report-only first)")
+    if not report_only and cfg.prepare is None:
+        check_inputs(cfg, runs)
     main = _is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +265,7 @@ def run_comparison(path: str, overrides: list[str] | None = None, *, report_only
     if not report_only:
         if cfg.prepare is not None:
             _prepare(cfg, debug=debug)
+            check_inputs(cfg, runs)
         isolate = cfg.isolate and _num_processes() == 1  # under `accelerate launch` every process runs each stage
         started = time.monotonic()
         for i, run in enumerate(runs, 1):
@@ -297,6 +303,49 @@ def run_comparison(path: str, overrides: list[str] | None = None, *, report_only
 
     publish(cfg, runs)
     return {"runs": statuses, "report": report["html"], "failed": failed, "table": report["text"]}
+
+
+# config keys whose value is an input a run reads (a model directory or a data file)
+INPUT_KEYS = ("model.path", "model.ref_path", "model.tokenizer", "data.prompts", "data.train", "data.eval", "eval.prompts")
+
+
+def check_inputs(cfg: CompareConfig, runs: list[PlannedRun]) -> None:
+    """Before any run starts: `base` must be a model directory, and an input missing for every run (shared prompts,
+    a reward model) is an error, since each run would fail on it in turn. An input only some runs lack is reported
+    now, and those runs fail while the others go on."""
+    from rlhf.data import FILE_SUFFIXES
+    from rlhf.policy import check_model_dir
+
+    def missing(value: str) -> bool:  # a local path that is not there (a hub id is not checked)
+        looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or Path(value).suffix in FILE_SUFFIXES
+        return looks_local and not Path(value).expanduser().exists()
+
+    if missing(cfg.base):
+        raise UserError(f"config key 'base': model path not found: {cfg.base}"
+                        + ("" if cfg.prepare else " (train it first, or set `prepare` to make it)"))
+    try:
+        check_model_dir(cfg.base)
+    except UserError as exc:
+        raise UserError(f"config key 'base': {exc}") from None
+    problems: dict[str, str] = {}
+    for run in runs:
+        dumped = run.cfg.model_dump(mode="json") if run.cfg is not None else {}
+        values = [(key, _dotted_get(dumped, key)) for key in INPUT_KEYS]
+        for section in ("rewards", "eval.rewards"):
+            values += [(f"{section}.{i}.model", c.get("model")) for i, c in enumerate(_dotted_get(dumped, section) or [])]
+        bad = next(((k, v) for k, v in values if isinstance(v, str) and missing(v)), None)
+        if bad is not None:
+            problems[run.name] = f"config key '{bad[0]}': not found: {bad[1]}"
+    if runs and len(problems) == len(runs):
+        raise UserError(f"every run would fail, starting with {runs[0].name}: {problems[runs[0].name]}")
+    for name, problem in problems.items():
+        print(f"[compare] warning: {name} will fail: {problem}", flush=True)
+
+
+def _dotted_get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def _run_here(run: PlannedRun, *, overwrite: bool, debug: bool) -> dict[str, Any]:
@@ -432,13 +481,14 @@ def base_evaluation(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | None:
     if out.is_file() and json.loads(out.read_text()).get("key") == key:
         return out
     from rlhf.config import ModelSettings
-    from rlhf.data import load_rl_prompts
+    from rlhf.data import load_rl_prompts, prompt_budget
     from rlhf.evaluation import evaluate_gold, scorer_score_fn
     from rlhf.policy import PolicyModel
 
     policy = PolicyModel.load(ModelSettings(path=cfg.base))
     ev = ref.cfg.eval
-    records = load_rl_prompts(ev.prompts, ev.tasks, ev.limit, policy.tokenizer)
+    budget = prompt_budget(policy.model.config, ev.generation.max_new_tokens, "eval.generation.max_new_tokens")
+    records = load_rl_prompts(ev.prompts, ev.tasks, ev.limit, policy.tokenizer, max_prompt_tokens=budget)
     gold, train = _scorers(ref.cfg)
     metrics = evaluate_gold(policy, records, ev.generation, scorer_score_fn(gold or train, train), seed=ref.seed)
     out.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))

@@ -14,7 +14,7 @@ from rlhf.config import GenerationSettings, StageConfig
 from rlhf.distributed import process_state
 from rlhf.errors import UserError
 from rlhf.data import load_prompts
-from rlhf.evaluation import format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
+from rlhf.evaluation import check_group_by, format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
 from rlhf.world import gold_score_fn, gold_task_records
@@ -38,11 +38,14 @@ class Config(StageConfig):
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 1. prompts and the scorer ------------------------------------------------------------------------------------
+    if not cfg.models:
+        raise UserError("config key 'models' names no model: give label -> model directory, e.g. models.sft=runs/demo/sft")
     prompts = load_prompts(cfg.prompts, cfg.limit)
     if cfg.rewards:
         score_fn = scorer_score_fn(Scorer(cfg.rewards))
     else:  # the demo world's gold judge, on the prompts of its own tasks
         prompts, score_fn = gold_task_records(prompts), gold_score_fn
+    check_group_by(prompts, cfg.group_by, cfg.prompts)
     if cfg.baseline is not None and cfg.baseline not in cfg.models:
         raise UserError(f"config key 'baseline': '{cfg.baseline}' is not one of the models ({', '.join(cfg.models)})")
 
