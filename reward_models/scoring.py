@@ -17,7 +17,7 @@ Reward models run in eval mode without grad, batched in length order; each compo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -43,7 +43,7 @@ class RewardComponent(Section):
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the rule")
     normalize: bool = Field(True, description="model only: (r − mean) / std with the stats stored at training")
     batch_size: int = Field(64, ge=1, description="model only: sequences per forward pass")
-    dtype: str = Field("float32", description="model only: weights dtype (float32 | bfloat16)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model only: weights dtype")
 
     @field_validator("weight")
     @classmethod

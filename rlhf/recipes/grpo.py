@@ -30,7 +30,7 @@ from rlhf.advantages import (
     fixed_score_without_eos, group_normalized, kl_shaped_rewards, make_kl_controller, reinforce_pp, rloo,
 )
 from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
-from rlhf.data import load_rl_prompts
+from rlhf.data import load_rl_prompts, prompt_budget
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, prepare_reference, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
@@ -119,11 +119,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     tokenizer = policy.tokenizer
 
     # 3. prompts and the scoring interface ----------------------------------------------------------------------
-    records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer)
+    records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer,
+                              max_prompt_tokens=prompt_budget(policy.model.config, cfg.sampling.max_new_tokens))
     if len(records) < cfg.rl.prompts_per_step:
         raise UserError(f"{cfg.data.prompts}: {len(records)} prompts, fewer than rl.prompts_per_step={cfg.rl.prompts_per_step}")
     scorer = Scorer(cfg.rewards, device=policy.device)
-    eval_records = load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer) if cfg.eval.prompts else []
+    eval_budget = prompt_budget(policy.model.config, cfg.eval.generation.max_new_tokens, "eval.generation.max_new_tokens")
+    eval_records = (load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer,
+                                    max_prompt_tokens=eval_budget) if cfg.eval.prompts else [])
     eval_scorer = Scorer(cfg.eval.rewards, device=policy.device) if cfg.eval.rewards else scorer
 
     # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------

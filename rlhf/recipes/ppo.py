@@ -38,7 +38,7 @@ from torch import nn
 from rlhf.advantages import fixed_score_without_eos, gae, kl_shaped_rewards, make_kl_controller
 from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
 from rlhf.critic import Critic, CriticSettings, build_critic, policy_settings
-from rlhf.data import load_rl_prompts
+from rlhf.data import load_rl_prompts, prompt_budget
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, prepare_reference, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
@@ -159,12 +159,15 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     tokenizer = policy.tokenizer
 
     # 3. prompts and the scoring interface (the same for rules and reward models) ----------------------------------
-    records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer)
+    records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer,
+                              max_prompt_tokens=prompt_budget(policy.model.config, cfg.sampling.max_new_tokens))
     if len(records) < cfg.rl.prompts_per_step:
         raise UserError(f"{cfg.data.prompts}: {len(records)} prompts, fewer than rl.prompts_per_step={cfg.rl.prompts_per_step}")
     shared = shared_reward_models(cfg.rewards, policy, cfg.model.path) if cfg.reward.share_base and policy.is_lora else {}
     scorer = Scorer(cfg.rewards, device=policy.device, models=shared)
-    eval_records = load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer) if cfg.eval.prompts else []
+    eval_budget = prompt_budget(policy.model.config, cfg.eval.generation.max_new_tokens, "eval.generation.max_new_tokens")
+    eval_records = (load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer,
+                                    max_prompt_tokens=eval_budget) if cfg.eval.prompts else [])
     eval_scorer = Scorer(cfg.eval.rewards, device=policy.device) if cfg.eval.rewards else scorer
 
     # 4. critic: a value model of its own, a head on the policy's trunk, or an adapter + head on its frozen base ------

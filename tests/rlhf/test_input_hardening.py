@@ -234,3 +234,12 @@ def test_eval_group_by_a_field_no_prompt_has_is_refused_before_any_model_loads(t
     with pytest.raises(UserError, match=r"config key 'group_by': no prompt of .*eval_prompts.jsonl has a field "
                                         r"'meta.fromat' \(did you mean 'meta.format'\?\)"):
         run_stage("eval", cfg)
+
+
+def test_a_reward_components_bad_dtype_names_the_valid_ones():
+    from rlhf.config import load_config
+    from rlhf.errors import UserError
+    from rlhf.pipeline import recipe
+
+    with pytest.raises(UserError, match="rewards.0.dtype.*float32"):
+        load_config(recipe("grpo").Config, None, {"rewards": [{"name": "rm", "model": "x", "dtype": "bogus"}]})
