@@ -79,7 +79,10 @@ def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | N
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
+        from rlhf.generation import check_environment
         from rlhf.pipeline import run_pipeline
+
+        check_environment()
 
         run_pipeline(args.pipeline, args.overrides, from_stage=args.from_stage, only=args.only, overwrite=args.overwrite,
                      debug=args.debug)
@@ -110,6 +113,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return generate(args.args) or 0
     from rlhf.config import load_config, parse_overrides
     from rlhf.distributed import process_state
+    from rlhf.generation import check_environment
+
+    check_environment()  # a bad RLHF_* variable stops the stage before it loads anything
     from rlhf.pipeline import recipe, run_stage
 
     config, overrides = _split_config_arg(args.config, args.overrides)

@@ -50,7 +50,7 @@ from rlhf.recipes.rl_settings import (
     KLSettings, PromptData, RewardShaping, RLEvalSettings, check_step_shape, rl_micro_batches,
 )
 from rlhf.rollout import log_samples, make_experience, rollout_metrics, step_seed, update_plan, updates_per_step
-from rlhf.stage import StageContext
+from rlhf.stage import StageContext, write_into
 from rlhf.tracking import progress
 from rlhf.training import (
     MetricSums, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
@@ -276,8 +276,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 8. final evaluation; the policy in Hugging Face format, the critic beside it ---------------------------------
     metrics = final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps,
                                   merged=cfg.save_merged)
-    if accelerator.is_main_process:
-        critic.save(ctx.dir, accelerator)
+    if accelerator.is_main_process:  # whole files or none: a kill mid-save leaves no half critic in the result
+        write_into(ctx.dir, lambda staging: critic.save(staging, accelerator))
     accelerator.wait_for_everyone()
     return metrics
 

@@ -354,3 +354,13 @@ def test_rl_cli_cases_exit_2_with_one_line(tmp_path, policy_dir, user_rules):
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert err and expected in err[-1] and err[-1].startswith("error: ") and "Traceback" not in proc.stderr, (args, err)
+
+
+@pytest.mark.parametrize("argv", [["sft", "train.max_steps=1"], ["eval", "models.x=nowhere"]])
+def test_every_stage_checks_the_sampling_variables_before_loading(argv, monkeypatch, capsys):
+    from rlhf.cli import main
+
+    monkeypatch.setenv("RLHF_COMPILE_AFTER_S", "abc")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "RLHF_COMPILE_AFTER_S" in err and len(err.splitlines()) == 1, err
