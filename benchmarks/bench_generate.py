@@ -32,6 +32,12 @@ call into phases (read weights / prefill / decode) and one eager decode step int
     python benchmarks/bench_generate.py --sizes tiny --batches 8 64 --n 1 --prompts short --no-compile
     python benchmarks/bench_generate.py --sections split compile   # only the time split and the compile section
     python benchmarks/bench_generate.py --profile  # also cProfile one call of each side (top functions by tottime)
+    python benchmarks/bench_generate.py --model models/smollm2-135m-instruct --no-bf16   # a real chat model
+
+`--model DIR` measures a pretrained causal LM directory instead of the demo models (loaded as the engine loads it,
+`rlhf.policy.load_causal_lm`, fp32), on chat prompts: the records of data/chat/rl_prompts.jsonl (chat_add and
+chat_review, alternating) rendered through the model's chat template with the generation prompt (~40 tokens for
+SmolLM2); defaults then: batches 8 and 64, n 1, the matrix section only (`--sections` adds the others).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import common
 
@@ -48,13 +55,24 @@ torch = common.setup_torch(1)
 
 from rlhf import generation  # noqa: E402
 from rlhf.ops import response_mask_from_ids  # noqa: E402
-from rlhf.policy import PolicyModel, add_special_tokens, load_tokenizer  # noqa: E402
+from rlhf.policy import PolicyModel, add_special_tokens, load_causal_lm, load_tokenizer  # noqa: E402
 from rlhf.world import ACTION_TOKENS, build_tiny_lm  # noqa: E402
 
 LONG_PROMPT_TOKENS = 256
+CHAT_PROMPTS = common.REPO / "data" / "chat" / "rl_prompts.jsonl"
+
+
+def label(size: str) -> str:
+    """A demo size as is, a model directory by its name."""
+    return Path(size).name if Path(size).is_dir() else size
 
 
 def build(size: str):
+    """A demo-world model of `size`, or (a directory) a pretrained causal LM and its tokenizer, fp32, eval mode."""
+    if Path(size).is_dir():
+        model = load_causal_lm(size, "float32")
+        model.eval()
+        return model, load_tokenizer(size)
     tokenizer = load_tokenizer(str(common.TOKENIZER))
     model = build_tiny_lm(tokenizer, size, seed=0)
     add_special_tokens(model, tokenizer, ACTION_TOKENS)
@@ -64,6 +82,18 @@ def build(size: str):
 
 def short_prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in common.EVAL_PROMPTS.read_text().splitlines() if line.strip()]
+
+
+def chat_prompts(tokenizer) -> list[str]:
+    """The chat prompt records of data/chat/rl_prompts.jsonl, each rendered through the tokenizer's chat template
+    with the generation prompt (the text both sides then tokenize the same way)."""
+    records = [json.loads(line) for line in CHAT_PROMPTS.read_text().splitlines() if line.strip()]
+    return [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in records]
+
+
+def pool(size: str, tokenizer) -> list[str]:
+    """Short prompts for a demo model; a model directory's chat prompts."""
+    return chat_prompts(tokenizer) if Path(size).is_dir() else short_prompts()
 
 
 def long_prompts(tokenizer, count: int) -> list[str]:
@@ -234,20 +264,31 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=None, help="model sizes (default: tiny small)")
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="rows per call (default: 8 32 64)")
     parser.add_argument("--n", nargs="+", type=int, default=None, help="samples per prompt (default: 1 8)")
-    parser.add_argument("--prompts", nargs="+", default=None, choices=["short", "long"], help="default: short long")
+    parser.add_argument("--prompts", nargs="+", default=None, choices=["short", "long", "chat"],
+                        help="default: short long (chat with --model)")
+    parser.add_argument("--model", help="a pretrained causal-LM directory with a chat template instead of the demo "
+                        "models (chat prompts), e.g. models/smollm2-135m-instruct")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 side")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compile section")
-    parser.add_argument("--sections", nargs="+", default=["matrix", "split", "compile"], choices=["matrix", "split", "compile"],
+    parser.add_argument("--sections", nargs="+", default=None, choices=["matrix", "split", "compile"],
                         help="what to run: the backend matrix, the decode-step time split, the compile section")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per side (default 3; --quick 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="cProfile one call of each side afterwards")
     args = parser.parse_args()
-    sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "small"])
-    batches = args.batches or ([8] if args.quick else [8, 32, 64])
-    ns = args.n or ([1] if args.quick else [1, 8])
-    kinds = args.prompts or (["short"] if args.quick else ["short", "long"])
+    if args.model:
+        sizes = [str(Path(args.model).resolve())]
+        batches = args.batches or [8, 64]
+        ns = args.n or [1]
+        kinds = args.prompts or ["chat"]
+        args.sections = args.sections or ["matrix"]
+    else:
+        sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "small"])
+        batches = args.batches or ([8] if args.quick else [8, 32, 64])
+        ns = args.n or ([1] if args.quick else [1, 8])
+        kinds = args.prompts or (["short"] if args.quick else ["short", "long"])
+        args.sections = args.sections or ["matrix", "split", "compile"]
     with_bf16 = not (args.no_bf16 or args.quick)
     with_compile = not (args.no_compile or args.quick) and "compile" in args.sections
     repeats = args.repeats or (1 if args.quick else 3)
@@ -270,6 +311,9 @@ def main() -> None:
         pools = {"short": short_prompts()}
         if "long" in kinds:
             pools["long"] = long_prompts(tokenizer, max(batches))
+        if "chat" in kinds:
+            pools["chat"] = chat_prompts(tokenizer)
+        size = label(size)
         for kind in kinds:
             same = greedy_identical(policy, model, tokenizer, pools[kind][:4], 2)
             print(f"\n[{size}] {n_params:.2f}M parameters; {kind} prompts: greedy fast == raw model.generate: {same}")
@@ -312,6 +356,8 @@ def main() -> None:
                     rows.append(row)
                     if kind == "short" and n == 1:
                         headline.setdefault(size, row)  # the smallest batch
+                    elif kind == "chat" and n == 1:
+                        headline[f"{size}, batch {batch}"] = row  # a real model: every batch (target >= 2 at each)
         if args.profile:
             profile(f"{size} fast", lambda: fast(policy, pools[kinds[0]][: batches[0]], 1, tokens_n, args.seed))
             profile(f"{size} raw", lambda: raw(model, tokenizer, pools[kinds[0]][: batches[0]], 1, tokens_n, args.seed))
@@ -324,7 +370,8 @@ def main() -> None:
         compile_section(sizes, batches, tokens_n, args.seed, repeats)
 
     for size, row in headline.items():
-        note = f"{row[1]} prompts, n={row[2]}, batch={row[3]}, fp32, eager; target >= 2 at batch 8"
+        target = "target >= 2" if row[1] == "chat" else "target >= 2 at batch 8"
+        note = f"{row[1]} prompts, n={row[2]}, batch={row[3]}, fp32, eager; {target}"
         print(common.ratio_line(f"ours/raw tokens/s [{size}]", row[7], row[8], note))
 
 
@@ -347,9 +394,9 @@ def print_split(sizes, batches, tokens_n) -> None:
         model, tokenizer = build(size)
         policy = PolicyModel(model, tokenizer)
         for batch in sorted({batches[0], batches[-1]}):
-            b = decode_breakdown(policy, (short_prompts() * 8)[:batch], tokens_n)
+            b = decode_breakdown(policy, (pool(size, tokenizer) * 8)[:batch], tokens_n)
             rest = b["step"] - b["gemm"]
-            split_rows.append([size, batch, 1e3 * b["step"], 1e3 * b["gemm"], f"{100 * b['gemm'] / b['step']:.0f}%",
+            split_rows.append([label(size), batch, 1e3 * b["step"], 1e3 * b["gemm"], f"{100 * b['gemm'] / b['step']:.0f}%",
                                1e3 * rest, 1e3 * b["select"]])
     print(common.table(["model", "batch", "step ms", "GEMMs ms", "GEMM share", "rest ms (attention, norms, RoPE, dispatch)",
                         "token selection ms (outside the step)"], split_rows))
@@ -366,7 +413,7 @@ def compile_section(sizes, batches, tokens_n, seed, repeats) -> None:
         policy = PolicyModel(model, tokenizer)
         eos = tokenizer.eos_token_id
         for batch in sorted({batches[0], batches[-1]}):
-            prompts = (short_prompts() * 8)[:batch]
+            prompts = (pool(size, tokenizer) * 8)[:batch]
             first = {}
             for bf16 in (False, True):
                 start = time.perf_counter()
@@ -384,27 +431,29 @@ def compile_section(sizes, batches, tokens_n, seed, repeats) -> None:
             cpu = {k: common.median(v, "tokens_per_cpu_s") for k, v in res.items()}
             compile_s = first[False] - sec["compiled"]
             gain = sec["eager"] - sec["compiled"]
-            rows.append([size, batch, compile_s, first[True] - sec["bf16c"], sec["raw"], sec["eager"], sec["compiled"],
+            rows.append([label(size), batch, compile_s, first[True] - sec["bf16c"], sec["raw"], sec["eager"], sec["compiled"],
                          tps["eager"] / tps["raw"], tps["compiled"] / tps["raw"], cpu["compiled"] / cpu["raw"],
                          tps["bf16c"] / tps["raw"], cpu["bf16c"] / cpu["raw"], f"{compile_s / gain:.0f}" if gain > 0 else "never"])
     print(common.table(["model", "batch", "compile s", "compile s (bf16)", "raw s/call", "eager s/call", "compiled s/call",
                         "eager/raw", "compiled/raw", "compiled/raw (cpu)", "compiled bf16/raw", "compiled bf16/raw (cpu)",
                         "break-even calls"], rows))
 
+    if any(Path(size).is_dir() for size in sizes):
+        return  # the demo GRPO stage's sampling below is the demo world's
     # the demo GRPO stage's sampling: 30 rollouts of 32 prompts x 8 samples, 40 new tokens, tiny model
     model, tokenizer = build("tiny")
     policy = PolicyModel(model, tokenizer)
     prompts = short_prompts()[:32]
     stage = {}
-    for label, kw in (("raw model.generate", None), ("fast eager", dict()), ("fast compiled", dict(compile=True))):
+    for side, kw in (("raw model.generate", None), ("fast eager", dict()), ("fast compiled", dict(compile=True))):
         start = time.perf_counter()
         for step in range(30):
             if kw is None:
                 raw(model, tokenizer, prompts, 8, 40, seed + step)
             else:
                 fast(policy, prompts, 8, 40, seed + step, **kw)
-        stage[label] = time.perf_counter() - start
-        print(f"  demo GRPO stage sampling (30 x 256 rows x <= 40 tokens, tiny), {label}: {stage[label]:.1f} s", flush=True)
+        stage[side] = time.perf_counter() - start
+        print(f"  demo GRPO stage sampling (30 x 256 rows x <= 40 tokens, tiny), {side}: {stage[side]:.1f} s", flush=True)
     print(f"demo GRPO stage sampling: fast eager {stage['raw model.generate'] / stage['fast eager']:.2f}x raw, fast compiled "
           f"(compile included) {stage['raw model.generate'] / stage['fast compiled']:.2f}x raw")
 

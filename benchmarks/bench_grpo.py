@@ -36,19 +36,35 @@ reports its peak RSS (`VmHWM`) and its RSS after imports (the Python runtime: to
 trl or rlhf). The last line is the samples/s ratio (`common.ratio_line`). The sweep then records the same
 comparison at G = 4, 8, 16 (N = 32) and N = 32, 64, 128 (G = 8), with fewer repeats.
 
+A real pretrained model (`--model DIR`, a Hugging Face causal-LM directory with a chat template, e.g.
+models/smollm2-135m-instruct): both sides load that directory as is; the prompts are the "chat_add" records of
+data/chat/rl_prompts.jsonl (chat messages: our recipe renders them through the model's chat template
+(`rlhf.data`), TRL takes the conversational prompts natively and applies the same template), scored by the same
+`verifiable` rule (TRL's conversational completions handed over as their text). `--lora R` (default 16 with
+`--model`, 0 = full fine-tuning) trains LoRA adapters on all linear layers (peft "all-linear", alpha 2R, dropout 0)
+on both sides; the reference is then the base model with adapters disabled on both sides (no second copy).
+`--micro-batch M` (default P × G; 16 with `--model`) is the rows per forward/backward on both sides: ours
+`rl.micro_batch_size=M`, TRL `per_device_train_batch_size=M` with `gradient_accumulation_steps=P × G / M` (its
+generation batch, per_device × steps_per_generation, is then the same P × G completions, generated at once, one
+optimizer step per rollout; TRL's reference forward also runs M rows at a time). With `--model` the defaults are
+P=8, G=8, N=24, 1 warm-up + 2 timed steps, 2 repeats, no sweep, and the RSS children run 1 warm-up + 1 step.
+
     python benchmarks/bench_grpo.py            # small model, P=2, G=8, N=32, 2 warm-up + 8 timed steps, 5 repeats + sweep
     python benchmarks/bench_grpo.py --quick    # smoke run: nano model, P=2, G=4, N=8, 1 warm-up + 2 timed steps, 1 repeat
+    python benchmarks/bench_grpo.py --model models/smollm2-135m-instruct   # real model: P=8, G=8, N=24, LoRA 16, M=16
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import itertools
 import json
 import logging
+import math
 import subprocess
 import sys
 import tempfile
@@ -63,6 +79,28 @@ torch = common.setup_torch(1)
 BETA, LR, BETAS, EPS, MAX_GRAD_NORM, SEED = 0.04, 1e-5, (0.9, 0.95), 0.2, 1.0, 0
 PHASES = ("generate", "score", "reference", "policy_fwd_bwd", "optimizer", "other")
 RL_PROMPTS = common.REPO / "data" / "demo" / "rl_prompts.jsonl"
+CHAT_PROMPTS = common.REPO / "data" / "chat" / "rl_prompts.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One step's shape, the same on both sides: P prompts × G completions of at most N new tokens, trained M rows
+    per forward/backward (M = 0: all P × G rows at once), LoRA rank `lora` (0 = all weights), prompts of `task`."""
+
+    p: int
+    g: int
+    n: int
+    micro: int = 0
+    lora: int = 0
+    task: str = "add"
+
+    @property
+    def rows(self) -> int:
+        return self.p * self.g
+
+    @property
+    def micro_rows(self) -> int:
+        return self.micro or self.rows
 
 # -- instrumentation shared by both sides: clip + optimizer step, one entry per optimizer step --------------------
 
@@ -120,12 +158,26 @@ def build_model(out: Path, size: str) -> tuple[Path, int]:
     return out, sum(t.numel() for t in model.parameters())  # tied embeddings counted once
 
 
-def write_prompts(path: Path, n: int) -> Path:
-    """The first `n` "add" prompt records of data/demo/rl_prompts.jsonl (prompt, task, meta)."""
-    rows = [json.loads(line) for line in RL_PROMPTS.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["task"] == "add"][:n]
+def write_prompts(path: Path, n: int, task: str = "add") -> Path:
+    """The first `n` prompt records of `task` (prompt, task, meta): "add" from data/demo/rl_prompts.jsonl, "chat_add"
+    (chat messages) from data/chat/rl_prompts.jsonl."""
+    source = CHAT_PROMPTS if task.startswith("chat_") else RL_PROMPTS
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["task"] == task][:n]
     path.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "task", "meta")}) + "\n" for r in rows))
     return path
+
+
+def model_parameters(model_dir: Path) -> int:
+    """Parameters stored in a model directory's safetensors files (tied embeddings are stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 def quietly(fn):
@@ -150,18 +202,21 @@ def summary(samples: int, tokens: float, seconds: float, cpu: float, phases: dic
 # -- ours: the grpo recipe --------------------------------------------------------------------------------------------
 
 
-def grpo_config(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int, max_steps: int):
-    from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, TrackingSettings
+def grpo_config(model_dir: Path, prompts: Path, out: Path, shape: Shape, max_steps: int):
+    from rlhf.config import (LoopSettings, LoraSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings,
+                             TrackingSettings)
     from rlhf.recipes import grpo
     from rlhf.recipes.rl_settings import KLSettings, PromptData, RLEvalSettings
     from reward_models.scoring import RewardComponent
 
+    lora = (LoraSettings(r=shape.lora, alpha=2 * shape.lora, dropout=0.0, target_modules="all-linear")
+            if shape.lora else None)
     return grpo.Config(
-        seed=SEED, output_dir=str(out), model=ModelSettings(path=str(model_dir)),
-        data=PromptData(prompts=str(prompts), tasks=["add"]),
+        seed=SEED, output_dir=str(out), model=ModelSettings(path=str(model_dir), lora=lora),
+        data=PromptData(prompts=str(prompts), tasks=[shape.task]),
         rewards=[RewardComponent(name="correct", rule="verifiable")],
-        sampling=SamplingSettings(n=g, max_new_tokens=n, temperature=1.0, top_p=1.0, top_k=0),
-        rl=RLSettings(prompts_per_step=p, epochs=1, minibatches=1, micro_batch_size=p * g),
+        sampling=SamplingSettings(n=shape.g, max_new_tokens=shape.n, temperature=1.0, top_p=1.0, top_k=0),
+        rl=RLSettings(prompts_per_step=shape.p, epochs=1, minibatches=1, micro_batch_size=shape.micro_rows),
         loss=grpo.GRPOLoss(advantage="grpo", aggregation="token_mean", eps_low=EPS, eps_high=EPS),
         kl=KLSettings(beta=BETA, estimator="k3", importance_weighted=False),
         train=LoopSettings(max_steps=max_steps, log_every=1, eval_every=0, save_every=0),
@@ -170,9 +225,9 @@ def grpo_config(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: in
     )
 
 
-def run_ours(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int, warmup: int, steps: int) -> dict:
+def run_ours(model_dir: Path, prompts: Path, out: Path, shape: Shape, warmup: int, steps: int) -> dict:
     reset_probes()
-    rows = common.run_recipe("grpo", grpo_config(model_dir, prompts, out, p, g, n, warmup + steps))
+    rows = common.run_recipe("grpo", grpo_config(model_dir, prompts, out, shape, warmup + steps))
     window = common.step_window(rows, warmup, steps)
     timed = range(warmup + 1, warmup + steps + 1)
     optimizer = sum(OPTIMIZER_SECONDS[s - 1] for s in timed)
@@ -190,22 +245,31 @@ def run_ours(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int, 
 
 
 def correct(prompts, completions, task, meta, **kwargs) -> list[float]:
-    """`reward_models.rules.verifiable` (the rule our side's Scorer runs) in TRL's reward-function signature."""
+    """`reward_models.rules.verifiable` (the rule our side's Scorer runs) in TRL's reward-function signature.
+
+    Conversational data (chat prompts) comes as message lists: the completion's text is its messages' content, the
+    prompt's the user content (chat_add's gold score reads its answer from `meta` either way)."""
     from reward_models.rules import verifiable
 
-    return verifiable(prompts, completions, [{"task": t, "meta": m} for t, m in zip(task, meta)])
+    text = lambda x: x if isinstance(x, str) else "".join(str(m.get("content", "")) for m in x)  # noqa: E731
+    return verifiable([text(p) for p in prompts], [text(c) for c in completions],
+                      [{"task": t, "meta": m} for t, m in zip(task, meta)])
 
 
-def build_trl(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int, max_steps: int):
+def build_trl(model_dir: Path, prompts: Path, out: Path, shape: Shape, max_steps: int):
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     datasets.disable_progress_bars()
     dataset = datasets.Dataset.from_list([json.loads(line) for line in prompts.read_text().splitlines()])
+    if shape.rows % shape.micro_rows:
+        raise SystemExit(f"--micro-batch {shape.micro_rows} must divide P × G = {shape.rows} (TRL accumulates whole "
+                         "micro-batches)")
     args = GRPOConfig(
-        output_dir=str(out), seed=SEED, max_steps=max_steps, per_device_train_batch_size=p * g,
-        gradient_accumulation_steps=1, num_generations=g, max_completion_length=n, temperature=1.0, top_p=1.0,
+        output_dir=str(out), seed=SEED, max_steps=max_steps, per_device_train_batch_size=shape.micro_rows,
+        gradient_accumulation_steps=shape.rows // shape.micro_rows, num_generations=shape.g,
+        max_completion_length=shape.n, temperature=1.0, top_p=1.0,
         top_k=0, beta=BETA, num_iterations=1, epsilon=EPS, loss_type="dapo", scale_rewards="group",
         use_bias_correction_kl=False, learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=0.0,
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, use_cpu=True, bf16=False,
@@ -230,8 +294,16 @@ def build_trl(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int,
 
     laps = Laps()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    peft_config = None
+    if shape.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=shape.lora, lora_alpha=2 * shape.lora, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=[correct], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[laps])
+                          processing_class=tokenizer, callbacks=[laps], peft_config=peft_config)
+    if args.generation_batch_size != shape.rows:
+        raise RuntimeError(f"TRL generates {args.generation_batch_size} completions per step, not P × G = {shape.rows}")
 
     def timed(phase: str, fn, count_tokens: bool = False):
         @functools.wraps(fn)
@@ -250,7 +322,9 @@ def build_trl(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int,
     def timed_logps(model, *a, **k):
         start = time.perf_counter()
         result = logps(model, *a, **k)
-        if model is trainer.ref_model:
+        # the reference: its own model, or under LoRA the policy with adapters disabled, the only call made without
+        # grad here (the old-log-prob pass is skipped: μ = 1 and steps_per_generation = gradient_accumulation_steps)
+        if model is trainer.ref_model or (trainer.ref_model is None and not torch.is_grad_enabled()):
             laps.add("reference", time.perf_counter() - start)
         return result
 
@@ -262,8 +336,8 @@ def build_trl(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int,
     return trainer, laps
 
 
-def run_trl(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int, warmup: int, steps: int) -> dict:
-    trainer, laps = build_trl(model_dir, prompts, out, p, g, n, warmup + steps)
+def run_trl(model_dir: Path, prompts: Path, out: Path, shape: Shape, warmup: int, steps: int) -> dict:
+    trainer, laps = build_trl(model_dir, prompts, out, shape, warmup + steps)
     reset_probes()
     trainer.train()
     timed = range(warmup + 1, warmup + steps + 1)
@@ -275,7 +349,7 @@ def run_trl(model_dir: Path, prompts: Path, out: Path, p: int, g: int, n: int, w
     }
     seconds = laps.ends[warmup + steps] - laps.ends[warmup]
     cpu = laps.cpu[warmup + steps] - laps.cpu[warmup]
-    return summary(p * g * steps, total("completion_tokens"), seconds, cpu, phases, steps)
+    return summary(shape.rows * steps, total("completion_tokens"), seconds, cpu, phases, steps)
 
 
 # -- peak RSS: one side per process --------------------------------------------------------------------------------
@@ -305,20 +379,20 @@ def child(args) -> None:
     install_probes()
     runtime = status_mib("VmRSS")
     fn = run_ours if args.child == "ours" else run_trl
-    quietly(fn)(Path(args.model_dir), Path(args.prompt_file), Path(args.out), args.prompts, args.group, args.tokens,
-                args.warmup, args.steps)
+    quietly(fn)(Path(args.model_dir), Path(args.prompt_file), Path(args.out), shape_of(args), args.warmup, args.steps)
     peak = status_mib("VmHWM")
     print("RSS " + json.dumps({"side": args.child, "runtime_mib": runtime, "peak_mib": peak}))
 
 
-def measure_rss(model_dir: Path, prompts: Path, root: Path, args) -> dict[str, dict]:
+def measure_rss(model_dir: Path, prompts: Path, root: Path, args, warmup: int, steps: int) -> dict[str, dict]:
     """Both sides' RSS children, started together (memory is per process; nothing in them is timed)."""
     procs = {}
     for side in ("ours", "trl"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--model-dir", str(model_dir),
                "--prompt-file", str(prompts), "--out", str(root / f"rss-{side}"), "--prompts", str(args.prompts),
-               "--group", str(args.group), "--tokens", str(args.tokens), "--warmup", str(args.warmup),
-               "--steps", str(args.steps)]
+               "--group", str(args.group), "--tokens", str(args.tokens), "--warmup", str(warmup),
+               "--steps", str(steps), "--micro-batch", str(args.micro_batch), "--lora", str(args.lora),
+               "--task", args.task]
         procs[side] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=common.REPO)
     out = {}
     for side, proc in procs.items():
@@ -333,14 +407,18 @@ def measure_rss(model_dir: Path, prompts: Path, root: Path, args) -> dict[str, d
 # -- the comparison ----------------------------------------------------------------------------------------------------
 
 
-def compare(model_dir: Path, prompts: Path, root: Path, p: int, g: int, n: int, warmup: int, steps: int,
+def compare(model_dir: Path, prompts: Path, root: Path, shape: Shape, warmup: int, steps: int,
             repeats: int) -> dict[str, list[dict]]:
     runs = itertools.count()
-    out = lambda side: root / f"{side}-g{g}-n{n}-{next(runs)}"  # noqa: E731  (a fresh output directory per run)
+    out = lambda side: root / f"{side}-g{shape.g}-n{shape.n}-{next(runs)}"  # noqa: E731  (a fresh directory per run)
     return common.interleaved({
-        "ours": lambda: quietly(run_ours)(model_dir, prompts, out("ours"), p, g, n, warmup, steps),
-        "TRL": lambda: quietly(run_trl)(model_dir, prompts, out("trl"), p, g, n, warmup, steps),
+        "ours": lambda: quietly(run_ours)(model_dir, prompts, out("ours"), shape, warmup, steps),
+        "TRL": lambda: quietly(run_trl)(model_dir, prompts, out("trl"), shape, warmup, steps),
     }, repeats)
+
+
+def shape_of(args, g: int | None = None, n: int | None = None) -> Shape:
+    return Shape(args.prompts, g or args.group, n or args.tokens, args.micro_batch, args.lora, args.task)
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -372,26 +450,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: nano model, P=2, G=4, N=8, 1+2 steps, 1 repeat")
     parser.add_argument("--size", default=None, help="demo model size: nano | tiny | small (default small)")
-    parser.add_argument("--prompts", type=int, default=2, help="P: prompts per step (default 2)")
+    parser.add_argument("--model", help="a pretrained causal-LM directory with a chat template (chat_add prompts) "
+                        "instead of a demo model, e.g. models/smollm2-135m-instruct")
+    parser.add_argument("--lora", type=int, default=None, help="LoRA rank on all linear layers, alpha 2R (default: 16 "
+                        "with --model, else 0 = all weights)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="M: rows per forward/backward on both sides "
+                        "(default: 16 with --model, else P × G)")
+    parser.add_argument("--prompts", type=int, default=None, help="P: prompts per step (default 2; 8 with --model)")
     parser.add_argument("--group", type=int, default=None, help="G: completions per prompt (default 8)")
-    parser.add_argument("--tokens", type=int, default=None, help="N: max new tokens (default 32)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first in every run (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 8)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per side (default 5)")
-    parser.add_argument("--sweep-repeats", type=int, default=3, help="repeats of each sweep point (default 3; 0 = no sweep)")
+    parser.add_argument("--tokens", type=int, default=None, help="N: max new tokens (default 32; 24 with --model)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first in every run (default 2; 1 with --model)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 8; 2 with --model)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per side (default 5; 2 with --model)")
+    parser.add_argument("--sweep-repeats", type=int, default=None,
+                        help="repeats of each sweep point (default 3; 0 with --model; 0 = no sweep)")
+    parser.add_argument("--task", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    real = bool(args.model)
     args.size = args.size or ("nano" if args.quick else "small")
+    args.prompts = args.prompts or (8 if real and not args.quick else 2)
     args.group = args.group or (4 if args.quick else 8)
-    args.tokens = args.tokens or (8 if args.quick else 32)
-    args.warmup = args.warmup or (1 if args.quick else 2)
-    args.steps = args.steps or (2 if args.quick else 8)
-    args.repeats = args.repeats or (1 if args.quick else 5)
-    sweep_repeats = 0 if args.quick else args.sweep_repeats
+    args.tokens = args.tokens or (8 if args.quick else 24 if real else 32)
+    args.warmup = args.warmup or (1 if args.quick or real else 2)
+    args.steps = args.steps or (2 if args.quick or real else 8)
+    args.repeats = args.repeats or (1 if args.quick else 2 if real else 5)
+    args.lora = (16 if real else 0) if args.lora is None else args.lora
+    args.micro_batch = args.micro_batch if args.micro_batch is not None else (min(16, args.prompts * args.group)
+                                                                             if real else 0)
+    args.task = args.task or ("chat_add" if real else "add")  # the RSS children get theirs passed
+    sweep_repeats = 0 if args.quick else args.sweep_repeats if args.sweep_repeats is not None else 0 if real else 3
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -404,18 +496,28 @@ def main() -> None:
         print(f"load average at start: {' '.join(f.read().split()[:3])}")
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         root = Path(tmp)
-        model_dir, n_params = quietly(build_model)(root / "model", args.size)
-        prompts = write_prompts(root / "prompts.jsonl", 256)
-        print(f"model={args.size} ({n_params / 1e6:.2f}M parameters, tied embeddings counted once), fp32, "
-              f"P={args.prompts} prompts × G={args.group} completions, N={args.tokens} new tokens, β={BETA}, "
+        if real:
+            model_dir, n_params = Path(args.model).resolve(), model_parameters(Path(args.model))
+            name = model_dir.name
+        else:
+            model_dir, n_params = quietly(build_model)(root / "model", args.size)
+            name = args.size
+        prompts = write_prompts(root / "prompts.jsonl", 256, args.task)
+        shape = shape_of(args)
+        print(f"model={name} ({n_params / 1e6:.2f}M parameters, tied embeddings counted once), fp32, "
+              f"{f'LoRA r={args.lora} alpha={2 * args.lora} all-linear' if args.lora else 'all weights trained'}, "
+              f"task {args.task}, P={args.prompts} prompts × G={args.group} completions, N={args.tokens} new tokens, "
+              f"micro-batch {shape.micro_rows} rows (TRL: per_device_train_batch_size={shape.micro_rows} × "
+              f"gradient_accumulation_steps={shape.rows // shape.micro_rows}), β={BETA}, "
               f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.repeats} interleaved repeats\n")
-        results = compare(model_dir, prompts, root, args.prompts, args.group, args.tokens, args.warmup, args.steps,
-                          args.repeats)
+        results = compare(model_dir, prompts, root, shape, args.warmup, args.steps, args.repeats)
         med = report(results)
 
         rss = None
         if not args.no_rss:
-            rss = measure_rss(model_dir, prompts, root, args)
+            rss_steps = (1, 1) if real else (args.warmup, args.steps)
+            print(f"\npeak-RSS children: {rss_steps[0]} warm-up + {rss_steps[1]} step(s) each, both at once", flush=True)
+            rss = measure_rss(model_dir, prompts, root, args, *rss_steps)
             print("\npeak RSS, one side per process (MiB; runtime = RSS after imports, before the model loads):")
             print(common.table(["side", "peak RSS", "runtime", "peak − runtime"],
                                [[s, r["peak_mib"], r["runtime_mib"], r["peak_mib"] - r["runtime_mib"]]
@@ -430,7 +532,7 @@ def main() -> None:
                 if (g, n) == base:
                     continue
                 print(f"\nsweep: G={g}, N={n}")
-                part = compare(model_dir, prompts, root, args.prompts, g, n, args.warmup, max(3, args.steps // 2),
+                part = compare(model_dir, prompts, root, shape_of(args, g, n), args.warmup, max(3, args.steps // 2),
                                sweep_repeats)
                 sweep.append(((g, n), medians(part)))
             print(f"\nsweep (P={args.prompts}; medians; the G={base[0]}, N={base[1]} row is the main comparison above):")
