@@ -114,7 +114,10 @@ class PolicyPairSource:
         k = self.generation.prompts_per_batch
         records = [self.prompts[(self._cursor + i) % len(self.prompts)] for i in range(k)]
         self._cursor = (self._cursor + k) % len(self.prompts)
-        texts = [self._prompt_text(r) for r in records]
+        from rlhf.data import prompt_text
+
+        tokenizer = next(iter(self.policies.values())).tokenizer
+        texts = [prompt_text(r, tokenizer) for r in records]  # chat messages through the template
         self._calls += 1
         names = list(self.policies)
         if len(names) == 1:
@@ -133,15 +136,6 @@ class PolicyPairSource:
             for a, b in prompt_pairs
             if a != b and a.strip() and b.strip()
         ]
-
-    def _prompt_text(self, record) -> str:
-        prompt = record["prompt"]
-        if isinstance(prompt, str):
-            return prompt
-        tokenizer = next(iter(self.policies.values())).tokenizer
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError(f"{record.origin}: chat prompts need a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
     def _sample(self, name: str, texts: list[str], n: int) -> list[str]:
         g = self.generation

@@ -97,3 +97,25 @@ def test_sequence_nll_chunked_equals_token_nll(chat_model_dir, monkeypatch):
     assert _largest_saved_tensor(lambda: sequence_nll(policy.model, ids, mask).sum(), policy.model) < ids[:, 1:].numel() * 262
     monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 10**12)
     assert _largest_saved_tensor(lambda: sequence_nll(policy.model, ids, mask).sum(), policy.model) >= ids[:, 1:].numel() * 262
+
+
+def test_grpo_one_step_on_the_chunked_path_keeps_ratio_one_and_kl_zero(tmp_path, chat_model_dir, monkeypatch):
+    import json
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import recipe, run_stage
+    from rlhf.tracking import read_metrics
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {a} + 1?"}],
+                                           "task": "chat_add", "meta": {"answer": a + 1}}) + "\n" for a in range(4)))
+    monkeypatch.setattr(ops, "LOGIT_CHUNK_ELEMENTS", 262 * 5)  # every forward takes chunks of 5 positions
+    run_stage("grpo", load_config(recipe("grpo").Config, None, {
+        "output_dir": str(tmp_path / "out"), "model.path": str(chat_model_dir), "model.lora": {"r": 4, "alpha": 8},
+        "data.prompts": str(prompts), "rewards": [{"name": "short", "rule": "length_penalty", "params": {"max_words": 1}}],
+        "sampling.n": 4, "sampling.max_new_tokens": 6, "rl.prompts_per_step": 2, "rl.micro_batch_size": 4,
+        "rl.epochs": 2, "train.max_steps": 1, "optim.lr": 1e-2, "kl.beta": 0.04, "eval.prompts": None,
+        "samples_every": 0, "tracking.mode": "disabled"}))
+    row = next(r for r in read_metrics(tmp_path / "out") if "perf/update_seconds" in r)
+    assert row["train/first_minibatch_ratio_mean"] == 1.0 and row["train/first_minibatch_approx_kl_old"] == 0.0
+    assert row["train/kl"] == 0.0 and torch.isfinite(torch.tensor(row["loss/total"]))
