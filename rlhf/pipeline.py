@@ -41,6 +41,7 @@ STAGES: dict[str, str] = {
     "dpo": "rlhf.recipes.dpo",
     "eval": "rlhf.recipes.evaluate",
     "collect": "rlhf.collect.stage",
+    "world": "rlhf.recipes.world",
 }
 
 

@@ -1,6 +1,7 @@
 """Generate the demo world's data files and tokenizer.
 
     python -m rlhf.world.generate_data --out data/demo [--seed 0] [--small]
+    python -m rlhf.world.generate_data --vision --out DIR [--seed 0] [--small]   # rlhf.world.vision's images
 
 Deterministic: the same seed and sizes write the same bytes. Files (see data/README.md for the full description):
 
@@ -218,7 +219,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="miniature sizes, for tests")
     parser.add_argument("--chat", action="store_true",
                         help="write the chat tasks' files for a real chat model instead (rlhf.world.chat)")
+    parser.add_argument("--vision", action="store_true",
+                        help="render the vision world's images and files instead (rlhf.world.vision; --small applies)")
     args = parser.parse_args(argv)
+    if args.chat and args.vision:
+        parser.error("--chat and --vision write different worlds: give one of them")
+    if args.vision:
+        from rlhf.world import vision
+
+        for name, n in vision.generate(args.out, seed=args.seed, small=args.small).items():
+            print(f"{name}: {n} rows")
+        return
     if args.chat:
         from rlhf.world import chat
 

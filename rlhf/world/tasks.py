@@ -6,6 +6,8 @@ Two tasks, chosen to cover the two kinds of RLHF signal:
 - ``"review"`` (:mod:`rlhf.world.reviews`): open-ended, continuous gold score from a hidden rubric.
 - ``"chat_add"`` and ``"chat_review"`` (:mod:`rlhf.world.chat`): the same two kinds for a real chat model, with
   chat-message prompts and judges that read plain English.
+- ``"image_add"`` and ``"image_review"`` (:mod:`rlhf.world.vision`): the same two kinds with the facts (the
+  operands, the product) only in an image; the judges are the text tasks' own, reading the row's ``meta``.
 
 The gold judge is hidden from the policy and the reward model: training sees it only through the simulated
 annotators' noisy preferences (or, for rule-based rewards, through the verifiable ``add`` check).
@@ -15,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlhf.world import arithmetic, chat, reviews
+from rlhf.world import arithmetic, chat, reviews, vision
 
-# the two chat tasks (`rlhf.world.chat`) are the same two kinds of signal for a real chat model, in plain English
-TASKS: tuple[str, ...] = ("add", "review", *chat.TASKS)
+# the two chat tasks (`rlhf.world.chat`) are the same two kinds of signal for a real chat model, in plain English;
+# the two image tasks (`rlhf.world.vision`) the same two with the facts in an image, selected by the same action tokens
+TASKS: tuple[str, ...] = ("add", "review", *chat.TASKS, *vision.TASKS)
 # Special tokens that open every prompt and select its task. They are not in the base tokenizer (pretraining
 # never sees them); the SFT stage adds them as additional special tokens and resizes the embeddings.
 ACTION_TOKENS: list[str] = [arithmetic.ACTION, reviews.ACTION]
@@ -29,7 +32,9 @@ def gold_score(task: str, prompt: str, completion: str, meta: dict | None) -> fl
 
     ``completion`` is decoded text without the EOS token. ``meta`` is the row's metadata (as written by the data
     generator); when it lacks the task's keys they are recovered from ``prompt``.
-    Returns 0.0 / 1.0 for ``"add"`` and a float in [-1, 1] for ``"review"``. Raises ValueError for an unknown task.
+    Returns 0.0 / 1.0 for ``"add"`` (and ``"chat_add"``, ``"image_add"``) and a float in [-1, 1] for ``"review"``
+    (and ``"chat_review"``, ``"image_review"``); an image task's facts are only in ``meta`` (see
+    :func:`rlhf.world.vision.gold_score`). Raises ValueError for an unknown task.
     """
     if task == "add":
         return arithmetic.gold_score(prompt, completion, meta)
@@ -38,6 +43,8 @@ def gold_score(task: str, prompt: str, completion: str, meta: dict | None) -> fl
         return reviews.gold_score(product, completion)
     if task in chat.TASKS:
         return chat.gold_score(task, prompt, completion, meta or {})
+    if task in vision.TASKS:
+        return vision.gold_score(task, prompt, completion, meta)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
