@@ -68,6 +68,10 @@ class ModelSettings(Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of all weights")
     value_head: bool = Field(False, description="add a scalar value head on the trunk (PPO)")
+    vision_tower: str | None = Field(
+        None, description="a saved ViT / CLIP vision directory: build a LLaVA-style vision-language model of it, a "
+        "fresh projector and the causal LM at `path`")
+    freeze_vision_tower: bool = Field(False, description="a vision-language model's vision tower does not train")
 
 
 class OptimSettings(Section):

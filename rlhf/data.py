@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,6 +16,7 @@ import torch
 
 from rlhf.config import read_text_file
 from rlhf.errors import UserError
+from rlhf.vision import message_text, record_images
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class SFTExample:
     completion_mask: list[bool]  # True on completion tokens (the ones the task loss trains)
     task: str | None
     origin: str
+    images: list = field(default_factory=list)  # the prompt's images (PIL), for a vision-language model
 
 
 def sft_texts(record: Record, tokenizer) -> tuple[str, str]:
@@ -185,7 +187,7 @@ def sft_texts(record: Record, tokenizer) -> tuple[str, str]:
             raise UserError(f"{record.origin}: field 'messages' must be a non-empty list of {{role, content}} objects")
         if messages[-1].get("role") != "assistant":
             raise UserError(f"{record.origin}: the last message must have role 'assistant'")
-        return _chat_prompt(messages[:-1], tokenizer, record), str(messages[-1].get("content", ""))
+        return _chat_prompt(messages[:-1], tokenizer, record), message_text(messages[-1].get("content", ""))
     require_fields(record, ["prompt", "completion"], (str, list))
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list):
@@ -219,22 +221,28 @@ def load_task_prompts(source: str | Path, tasks: list[str] | None, limit: int | 
 
 
 def load_rl_prompts(source: str | Path, tasks: list[str] | None, limit: int | None, tokenizer,
-                    max_prompt_tokens: int | None = None) -> list[Record]:
+                    max_prompt_tokens: int | None = None, image_inputs=None, model_name: str = "the policy") -> list[Record]:
     """Prompt records for an RL stage (`load_task_prompts`), with `prompt` as text (chat-message prompts rendered
-    through the tokenizer's template). A prompt of more than `max_prompt_tokens` tokens (`prompt_budget`) is an
-    error naming its record."""
+    through the tokenizer's template). A prompt of more than `max_prompt_tokens` tokens (`prompt_budget`; image
+    tokens count) is an error naming its record, and so are images a text-only model cannot take and image prompts
+    a vision-language model (`image_inputs`) cannot (`rlhf.vision.check_image_prompts`)."""
+    from rlhf.vision import check_image_prompts
+
     records = load_task_prompts(source, tasks, limit)
     for r in records:
         r["prompt"] = prompt_text(r, tokenizer)
-        if max_prompt_tokens is not None:
-            _check_prompt_length(r, tokenizer, max_prompt_tokens)
+    check_image_prompts(records, image_inputs, model_name)
+    if max_prompt_tokens is not None:
+        for r in records:
+            _check_prompt_length(r, tokenizer, max_prompt_tokens, image_inputs)
     return records
 
 
 def prompt_budget(model_config, max_new_tokens: int, key: str = "sampling.max_new_tokens") -> int | None:
-    """Tokens a prompt may have so that it and `max_new_tokens` fit the model's context (`max_position_embeddings`);
-    None when the model config names no context. `key` is the config key of `max_new_tokens`, for the error."""
-    context = getattr(model_config, "max_position_embeddings", None)
+    """Tokens a prompt may have so that it and `max_new_tokens` fit the model's context (`max_position_embeddings`,
+    of the language model in a vision-language one); None when the model config names no context. `key` is the
+    config key of `max_new_tokens`, for the error."""
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(context, int):
         return None
     if max_new_tokens >= context:
@@ -243,8 +251,8 @@ def prompt_budget(model_config, max_new_tokens: int, key: str = "sampling.max_ne
     return context - max_new_tokens
 
 
-def _check_prompt_length(record: Record, tokenizer, max_tokens: int) -> None:
-    text = record["prompt"]
+def _check_prompt_length(record: Record, tokenizer, max_tokens: int, image_inputs=None) -> None:
+    text = record["prompt"] if image_inputs is None else image_inputs.expand(record["prompt"])
     why = "(the model's context minus the response budget)"
     if len(text) > max_tokens * CHARS_PER_TOKEN:  # surely too long: not worth tokenizing
         raise UserError(f"{record.origin}: prompt is {len(text):,} characters, far more than the {max_tokens} tokens "
@@ -263,6 +271,8 @@ def prompt_text(record: Record, tokenizer) -> str:
 def _chat_prompt(messages: list[dict], tokenizer, record: Record) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise UserError(f"{record.origin}: conversational data needs a tokenizer with a chat template")
+    # TRL's typed content parts (text and image) as text, so any template renders them
+    messages = [{**m, "content": message_text(m.get("content"))} for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -274,12 +284,14 @@ def encode_prompt(text: str, tokenizer) -> list[int]:
 
 
 def tokenize_sft(
-    records: list[Record], tokenizer, max_length: int, skip_overlong_prompts: bool = False
+    records: list[Record], tokenizer, max_length: int, skip_overlong_prompts: bool = False, image_inputs=None,
 ) -> tuple[list[SFTExample], int]:
     """Tokenize prompt/completion pairs. Returns (examples, number skipped).
 
     Length policy: a prompt that leaves no room for a completion token is an error naming the record (or, with
     `skip_overlong_prompts`, dropped and counted); a completion that does not fit is cut on the right.
+    `image_inputs` (`rlhf.vision.ImageInputs`, a vision-language model): each prompt's image placeholder becomes the
+    model's image tokens (counted in the length) and the example keeps the image.
     """
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
@@ -298,6 +310,8 @@ def tokenize_sft(
                 f"{rec.origin}: prompt is {len(prompt):,} characters, far more than max_length={max_length} tokens "
                 "(policy: overlong prompts are errors; set data.skip_overlong_prompts=true to drop them)"
             )
+        if image_inputs is not None:
+            prompt = image_inputs.expand(prompt)
         prompt_ids = encode_prompt(prompt, tokenizer)
         if len(prompt_ids) >= max_length:
             if skip_overlong_prompts:
@@ -310,7 +324,8 @@ def tokenize_sft(
         completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         ids = (prompt_ids + completion_ids)[:max_length]
         mask = ([False] * len(prompt_ids) + [True] * len(completion_ids))[:max_length]
-        examples.append(SFTExample(ids, mask, rec.get("task"), rec.origin))
+        images = record_images(rec) if image_inputs is not None else []
+        examples.append(SFTExample(ids, mask, rec.get("task"), rec.origin, images))
     if skipped:
         log.warning("skipped %d examples whose prompt is longer than max_length=%d", skipped, max_length)
     if not examples:
@@ -318,8 +333,9 @@ def tokenize_sft(
     return examples, skipped
 
 
-def collate_sft(examples: list[SFTExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. Returns input_ids, attention_mask, completion_mask, all (B, L)."""
+def collate_sft(examples: list[SFTExample], pad_token_id: int, image_inputs=None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Returns input_ids, attention_mask, completion_mask, all (B, L), and with `image_inputs`
+    (a vision-language model) each row's image as pixel_values (B, C, H, W)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.bool)
@@ -329,7 +345,10 @@ def collate_sft(examples: list[SFTExample], pad_token_id: int) -> dict[str, torc
         ids[i, :n] = torch.tensor(e.input_ids)
         attn[i, :n] = True
         comp[i, :n] = torch.tensor(e.completion_mask)
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+    if image_inputs is not None:
+        batch["pixel_values"] = image_inputs.pixel_values([e.images[0] for e in examples])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------

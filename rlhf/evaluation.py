@@ -20,6 +20,7 @@ from rlhf.config import GenerationSettings
 from rlhf.data import Record, prompt_text
 from rlhf.distributed import map_over_processes
 from rlhf.errors import UserError
+from rlhf.vision import images_for
 
 # (prompts, completions, records (one per completion), ended) -> one score per completion, or (scores, extras): extras
 # maps a name to one more score per completion (e.g. "rm_score": the training reward next to the gold score)
@@ -86,7 +87,9 @@ def _score_batch(policy, records: list[Record], start: int, generation: Generati
     """Scores of the batch of records that begins at `start` (plain lists, so processes can exchange them)."""
     chunk = records[start:start + generation.batch_size]
     prompts = [prompt_text(r, policy.tokenizer) for r in chunk]  # chat messages through this model's template
-    rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend)
+    images = images_for(chunk, getattr(policy, "image_inputs", None))
+    rollout = policy.generate(prompts, max_new_tokens=generation.max_new_tokens, greedy=True, backend=generation.backend,
+                              images=images)
     greedy, extras = _split(score_fn(rollout.prompts, rollout.completions, chunk, rollout.ended.tolist()))
     part = {"greedy": greedy, "extras": extras, "lengths": rollout.lengths.tolist(),
             "ended": rollout.ended.tolist(), "sampled": []}
@@ -94,7 +97,7 @@ def _score_batch(policy, records: list[Record], start: int, generation: Generati
         k = generation.samples
         rollout = policy.generate(prompts, n=k, max_new_tokens=generation.max_new_tokens,
                                   temperature=generation.temperature, seed=seed, first_prompt=start,
-                                  backend=generation.backend)
+                                  backend=generation.backend, images=images)
         rows = [chunk[i] for i in rollout.prompt_index.tolist()]
         scores, _ = _split(score_fn(rollout.prompts, rollout.completions, rows, rollout.ended.tolist()))
         part["sampled"] = [scores[i * k:(i + 1) * k] for i in range(len(chunk))]

@@ -32,6 +32,7 @@ import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -669,6 +670,8 @@ def generate(
     first_prompt: int = 0,
     backend: str | None = None,
     bf16: bool = False,
+    pixel_values: torch.Tensor | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, SampleStats]:
     """Sample `n` responses for each distinct left-padded prompt (R, P), in eval mode: the raw response ids (R·n, T)
     as `sample` returns them, and the call's `SampleStats`.
@@ -678,7 +681,8 @@ def generate(
     A model the fast sampler does not support samples with "hf", decided on its first call (one warning). With `seed`
     the sampling is reproducible and the global RNG is left untouched; on the fast backend prompt i then draws from its
     own stream, seeded by `seed` and `first_prompt` + i (`prompt_uniforms`), while `model.generate` draws from one
-    stream for the whole call. `bf16`: as in `sample` (fast only).
+    stream for the whole call. `bf16`: as in `sample` (fast only). `pixel_values` (R, C, H, W): each prompt's image,
+    for a vision-language model, whose image token is one of the `suppress_ids`: tokens never sampled.
     """
     backend = _backend_for(model, backend)
     picks = dict(n=n, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -699,7 +703,8 @@ def generate(
                     return sample(model, prompt_ids, prompt_mask, **picks, bf16=bf16, uniforms=uniforms)
                 except _Unsupported as exc:  # sharded since the verdict (FSDP shards in place): hf from now on
                     _fall_back(model, str(exc))
-            return _hf_generate(model, prompt_ids, prompt_mask, bos_token_id=bos_token_id, bf16=bf16, **picks)
+            return _hf_generate(model, prompt_ids, prompt_mask, bos_token_id=bos_token_id, bf16=bf16,
+                                pixel_values=pixel_values, suppress_ids=suppress_ids, **picks)
     finally:
         model.train(was_training)
 
@@ -732,7 +737,8 @@ def _fall_back(model, reason: str) -> None:
 
 
 def _hf_generate(model, prompt_ids, prompt_mask, *, n, max_new_tokens, eos_token_id, pad_token_id, bos_token_id,
-                 greedy, temperature, top_k, top_p, bf16) -> tuple[torch.Tensor, SampleStats]:
+                 greedy, temperature, top_k, top_p, bf16, pixel_values=None,
+                 suppress_ids: Sequence[int] = ()) -> tuple[torch.Tensor, SampleStats]:
     from transformers import GenerationConfig
 
     if bf16:
@@ -746,9 +752,11 @@ def _hf_generate(model, prompt_ids, prompt_mask, *, n, max_new_tokens, eos_token
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
+        suppress_tokens=list(suppress_ids) or None,
     )
     ids, mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
     start = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values.repeat_interleave(n, dim=0)}
+    out = model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config, **images)
     response = out[:, ids.size(1):]
     return response, SampleStats(backend="hf", decode=time.perf_counter() - start, steps=response.size(1))

@@ -21,6 +21,7 @@ from rlhf.data import encode_prompt
 from rlhf.errors import UserError
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, response_mask_from_ids
 from rlhf.types import ForwardOut, Rollout
+from rlhf.vision import ImageInputs, build_vision_language_model, is_vision_model_dir, load_image_processor
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -132,10 +133,30 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     torch_dtype = getattr(torch, dtype)
     with loading(name, "causal LM"):
         if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, PeftModel
 
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+            if isinstance(base, str) and is_vision_model_dir(base):  # peft's auto class knows only causal LMs
+                model = load_causal_lm(base, dtype)
+                return PeftModel.from_pretrained(model, str(path.resolve())).merge_and_unload()
             return AutoPeftModelForCausalLM.from_pretrained(str(path.resolve()), dtype=torch_dtype).merge_and_unload()
+        if is_vision_model_dir(name):
+            from transformers import AutoModelForImageTextToText
+
+            return AutoModelForImageTextToText.from_pretrained(_local_or_hub(name), dtype=torch_dtype)
         return AutoModelForCausalLM.from_pretrained(_local_or_hub(name), dtype=torch_dtype)
+
+
+def load_image_inputs(name: str, model) -> ImageInputs | None:
+    """The image interface of a vision-language model saved at `name` (None for a text-only model); a LoRA
+    adapter directory reads its base's image processor when it has none of its own."""
+    if "vision_config" not in model.config.to_dict():
+        return None
+    path = Path(name).expanduser()
+    has_own = any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
+    if not has_own and (path / "adapter_config.json").is_file():
+        path = Path(json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"])
+    return ImageInputs.of(model, load_image_processor(path))
 
 
 def add_special_tokens(model, tokenizer, tokens: Sequence[str]) -> list[int]:
@@ -178,6 +199,8 @@ def apply_lora(model, lora: LoraSettings, trainable_token_ids: list[int]):
 
     check_lora_targets(model, lora.target_modules)
     extra = {"trainable_token_indices": {"embed_tokens": trainable_token_ids}} if trainable_token_ids else {}
+    if "vision_config" in model.config.to_dict():  # a VLM's projector trains whole: LoRA of a fresh layer is no use
+        extra["modules_to_save"] = ["multi_modal_projector"]
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         task_type="CAUSAL_LM", **extra,
@@ -206,7 +229,8 @@ def logits_are_large(model, targets: torch.Tensor, limit: int | None = None) -> 
     """Whether the logits of `targets` (B, T) would exceed `limit` elements (default `rlhf.ops.LOGIT_CHUNK_ELEMENTS`)."""
     from rlhf import ops
 
-    vocab = getattr(getattr(model, "module", model).config, "vocab_size", None) or 0
+    config = getattr(model, "module", model).config
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
     return targets.numel() * vocab > (ops.LOGIT_CHUNK_ELEMENTS if limit is None else limit)
 
 
@@ -236,12 +260,16 @@ def next_token_logprobs(model, inputs: dict, targets: torch.Tensor, temperature:
     return logprobs, entropy, out
 
 
-def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token NLL of every position, (B, L) -> (B, L-1) as `rlhf.losses.token_nll`, with large logits taken a
-    chunk of positions at a time (`next_token_logprobs`)."""
+    chunk of positions at a time (`next_token_logprobs`). `pixel_values` (B, C, H, W): each row's image, for a
+    vision-language model."""
     from rlhf.losses import token_nll
 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask.long()}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
     if not logits_are_large(model, input_ids[:, 1:]):
         return token_nll(model(**inputs, use_cache=False).logits, input_ids)
     return -next_token_logprobs(model, inputs, input_ids[:, 1:])[0]
@@ -258,15 +286,18 @@ class PolicyModel:
         tokenizer: its tokenizer; pad must differ from EOS.
         ref_model: frozen reference weights when `model` has no LoRA adapters (None = no reference kept).
         value_head: optional `nn.Linear(hidden, 1)` on the trunk's last hidden state.
+        image_inputs: how a vision-language model takes images (`rlhf.vision.ImageInputs`); None = text-only.
     """
 
-    def __init__(self, model, tokenizer, ref_model=None, value_head: nn.Module | None = None):
+    def __init__(self, model, tokenizer, ref_model=None, value_head: nn.Module | None = None,
+                 image_inputs: ImageInputs | None = None):
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("PolicyModel needs a pad token distinct from EOS")
         self.model = model
         self.tokenizer = tokenizer
         self.ref_model = ref_model
         self.value_head = value_head
+        self.image_inputs = image_inputs
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -304,6 +335,15 @@ class PolicyModel:
             model = load_causal_lm(settings.path, settings.dtype)
         else:
             raise UserError("config key 'model.path' is required (or 'model.scratch_size' to build a demo model)")
+        image_inputs = load_image_inputs(settings.path, model) if not settings.scratch_size else None
+        if settings.vision_tower:
+            if image_inputs is not None:
+                raise UserError(f"config key 'model.vision_tower': {settings.path} is already a vision-language model; "
+                                "drop model.vision_tower")
+            model, processor = build_vision_language_model(model, tokenizer, settings.vision_tower, seed)
+            image_inputs = ImageInputs.of(model, processor)
+        if image_inputs is not None and settings.freeze_vision_tower:
+            model.model.vision_tower.requires_grad_(False)
         new_ids = add_special_tokens(model, tokenizer, add_tokens)
 
         ref_model = None
@@ -316,7 +356,7 @@ class PolicyModel:
 
         value_head = None
         if settings.value_head:
-            value_head = nn.Linear(model.config.hidden_size, 1)
+            value_head = nn.Linear(model.config.get_text_config().hidden_size, 1)
             head_file = Path(settings.path or "") / VALUE_HEAD_FILE
             if settings.path and head_file.is_file():
                 from safetensors.torch import load_file
@@ -329,7 +369,7 @@ class PolicyModel:
             from rlhf.distributed import process_state
 
             device = process_state().device
-        return cls(model, tokenizer, ref_model=ref_model, value_head=value_head).to(device)
+        return cls(model, tokenizer, ref_model=ref_model, value_head=value_head, image_inputs=image_inputs).to(device)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "PolicyModel":
@@ -358,7 +398,8 @@ class PolicyModel:
         `generate` (a DDP wrapper has no `generate`), compute reference log-probs and `save`.
         """
         head = accelerator.unwrap_model(self.value_head) if self.value_head is not None else None
-        return PolicyModel(accelerator.unwrap_model(self.model), self.tokenizer, ref_model=self.ref_model, value_head=head)
+        return PolicyModel(accelerator.unwrap_model(self.model), self.tokenizer, ref_model=self.ref_model, value_head=head,
+                           image_inputs=self.image_inputs)
 
     def to(self, device) -> "PolicyModel":
         for m in self.modules() + ([self.ref_model] if self.ref_model is not None else []):
@@ -382,14 +423,14 @@ class PolicyModel:
             self.model.eval()
             try:
                 with torch.no_grad(), self.model.disable_adapter():
-                    yield PolicyModel(self.model, self.tokenizer)
+                    yield PolicyModel(self.model, self.tokenizer, image_inputs=self.image_inputs)
             finally:
                 self.model.train(was_training)
                 for p, flag in flags:
                     p.requires_grad_(flag)
         elif self.ref_model is not None:
             with torch.no_grad():
-                yield PolicyModel(self.ref_model, self.tokenizer)
+                yield PolicyModel(self.ref_model, self.tokenizer, image_inputs=self.image_inputs)
         else:
             raise RuntimeError("this policy keeps no reference: load it with with_reference=True or LoRA")
 
@@ -397,7 +438,9 @@ class PolicyModel:
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask, (B, P): left padding keeps every prompt's last token adjacent to the
-        first generated one."""
+        first generated one. A vision-language model's image placeholders are expanded to its image tokens."""
+        if self.image_inputs is not None:
+            prompts = [self.image_inputs.expand(p) for p in prompts]
         bos = self.tokenizer.bos_token
         if bos and any(p.startswith(bos) for p in prompts):  # chat-templated prompts may carry BOS already
             encoded = [encode_prompt(p, self.tokenizer) for p in prompts]
@@ -408,6 +451,24 @@ class PolicyModel:
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], dtype=torch.long)
         mask = torch.tensor([[False] * (width - len(e)) + [True] * len(e) for e in encoded], dtype=torch.bool)
         return ids, mask
+
+    @property
+    def never_sampled(self) -> list[int]:
+        """Token ids sampling must not produce: a vision-language model's image placeholder (in a response it would
+        claim image features that do not exist)."""
+        return [self.model.config.image_token_id] if self.image_inputs is not None else []
+
+    def pixel_values(self, images: Sequence | None) -> torch.Tensor | None:
+        """Each prompt's image as pixel values on this policy's device (a vision-language model needs them; a
+        text-only one takes none). `images`: one PIL image (or a one-image list) per prompt. Shape: (B, C, H, W)."""
+        if self.image_inputs is None:
+            if images:
+                raise ValueError("this text-only policy takes no images")
+            return None
+        if images is None:
+            raise ValueError("this vision-language policy needs an image with every prompt")
+        flat = [im[0] if isinstance(im, (list, tuple)) else im for im in images]
+        return self.image_inputs.pixel_values(flat).to(self.device, next(self.model.parameters()).dtype)
 
     @torch.no_grad()
     def generate(
@@ -423,8 +484,11 @@ class PolicyModel:
         backend: str | None = None,
         bf16: bool = False,
         first_prompt: int = 0,
+        images: Sequence | None = None,
     ) -> Rollout:
         """Sample `n` responses per prompt (stopping at EOS) and return them as a `Rollout`.
+
+        `images`: a vision-language policy's image for each prompt (PIL images, `rlhf.vision.record_images`).
 
         Rows are grouped by prompt. With `seed` the sampling is reproducible and the global RNG is left untouched;
         on the fast backend each prompt then draws from its own stream, seeded by `seed` and its position
@@ -438,6 +502,7 @@ class PolicyModel:
         """
         from rlhf import generation
 
+        pixel_values = self.pixel_values(images)
         ids, mask = self.encode_prompts(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         tok = self.tokenizer
@@ -445,12 +510,15 @@ class PolicyModel:
             self.model, ids, mask, n=n, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, greedy=greedy, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, first_prompt=first_prompt, backend=backend, bf16=bf16,
+            pixel_values=pixel_values, suppress_ids=self.never_sampled,
         )
         return self.rollout_from_ids(ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), response,
-                                     prompts, n)
+                                     prompts, n, pixel_values)
 
-    def rollout_from_ids(self, prompt_ids, prompt_mask, response_ids, prompts: Sequence[str], n: int = 1) -> Rollout:
-        """Mask, measure and decode raw generated ids (B, T) into a Rollout."""
+    def rollout_from_ids(self, prompt_ids, prompt_mask, response_ids, prompts: Sequence[str], n: int = 1,
+                         pixel_values: torch.Tensor | None = None) -> Rollout:
+        """Mask, measure and decode raw generated ids (B, T) into a Rollout; `pixel_values` (one image per prompt)
+        are repeated for its n rows."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         response_mask = response_mask_from_ids(response_ids, eos)
         response_ids = response_ids.masked_fill(~response_mask, pad)
@@ -469,6 +537,7 @@ class PolicyModel:
             prompt_index=torch.arange(len(prompts), device=response_ids.device).repeat_interleave(n),
             prompts=[p for p in prompts for _ in range(n)],
             completions=self.tokenizer.batch_decode(text_ids, skip_special_tokens=False),
+            pixel_values=pixel_values.repeat_interleave(n, dim=0) if pixel_values is not None else None,
         )
 
     # -- scoring ------------------------------------------------------------------------------------------------
@@ -550,6 +619,10 @@ class PolicyModel:
         if self.is_lora and not merged:
             _absolute_adapter_base(path / "adapter_config.json")
         self.tokenizer.save_pretrained(str(path))
+        if self.image_inputs is not None:
+            from rlhf.vision import save_processor
+
+            save_processor(path, self.tokenizer, self.image_inputs, model)
         if self.value_head is not None:
             from safetensors.torch import save_file
 

@@ -24,6 +24,7 @@ import torch
 from rlhf.config import RLSettings, SamplingSettings
 from rlhf.ops import masked_moments
 from rlhf.types import Experience
+from rlhf.vision import images_for
 
 
 def step_seed(seed: int, step: int, round: int = 0) -> int:
@@ -116,6 +117,7 @@ def sample_experience(policy, scorer, records: Sequence[dict], sampling: Samplin
                 [r["prompt"] for r in records], n=sampling.n, max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
                 backend=sampling.backend, bf16=sampling.bf16, first_prompt=first_prompt,
+                images=images_for(records, getattr(policy, "image_inputs", None)),
             )
     with _timed(timings, "score"):
         scores = scorer.score_rollout(rollout, list(records))

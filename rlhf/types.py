@@ -26,6 +26,7 @@ class Rollout:
     prompt_index: torch.Tensor  # (B,) long, which input prompt each row answers
     prompts: list[str] = field(default_factory=list)  # (B,) prompt text of each row
     completions: list[str] = field(default_factory=list)  # (B,) decoded response text, without EOS and padding
+    pixel_values: torch.Tensor | None = None  # (B, C, H, W) float: each row's image (a vision-language policy)
 
     def __len__(self) -> int:
         return self.response_ids.size(0)
@@ -43,8 +44,11 @@ class Rollout:
         outputs that predict the T response tokens are those at positions [-T - 1, -1)."""
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
         attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1).long()
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "position_ids": position_ids_from_mask(attention_mask)}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "position_ids": position_ids_from_mask(attention_mask)}
+        if self.pixel_values is not None:
+            inputs["pixel_values"] = self.pixel_values
+        return inputs
 
     def select(self, idx: torch.Tensor | list[int]) -> "Rollout":
         """Rows `idx` (a minibatch), tensors and text lists alike. `prompt_index` keeps its values, so rows of one
@@ -56,7 +60,7 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 picked[f.name] = value.index_select(0, index.to(value.device))
-            else:
+            elif value is not None:
                 picked[f.name] = [value[i] for i in rows] if value else []
         return Rollout(**picked)
 
@@ -120,7 +124,7 @@ def cat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     width_p = max(r.prompt_ids.size(1) for r in parts)
     width_t = max(r.response_ids.size(1) for r in parts)
     pad_id = pad_token_id
-    out: dict[str, list] = {f.name: [] for f in fields(Rollout)}
+    out: dict[str, list] = {f.name: [] for f in fields(Rollout) if f.name != "pixel_values"}
     offset = 0
     for r in parts:
         lp, lt = width_p - r.prompt_ids.size(1), width_t - r.response_ids.size(1)
@@ -134,7 +138,11 @@ def cat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         offset += int(r.prompt_index.max()) + 1 if len(r) else 0
         out["prompts"] += r.prompts
         out["completions"] += r.completions
-    return Rollout(**{k: (torch.cat(v) if k not in ("prompts", "completions") else v) for k, v in out.items()})
+    images = [r.pixel_values for r in parts]
+    if any(p is None for p in images) != all(p is None for p in images):
+        raise ValueError("cannot join rollouts with images and rollouts without")
+    return Rollout(**{k: (torch.cat(v) if k not in ("prompts", "completions") else v) for k, v in out.items()},
+                   pixel_values=None if images[0] is None else torch.cat(images))
 
 
 def cat_experiences(parts: list[Experience], pad_token_id: int) -> Experience:

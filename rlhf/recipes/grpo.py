@@ -120,13 +120,15 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 3. prompts and the scoring interface ----------------------------------------------------------------------
     records = load_rl_prompts(cfg.data.prompts, cfg.data.tasks, cfg.data.limit, tokenizer,
-                              max_prompt_tokens=prompt_budget(policy.model.config, cfg.sampling.max_new_tokens))
+                              max_prompt_tokens=prompt_budget(policy.model.config, cfg.sampling.max_new_tokens),
+                              image_inputs=policy.image_inputs, model_name=cfg.model.path)
     if len(records) < cfg.rl.prompts_per_step:
         raise UserError(f"{cfg.data.prompts}: {len(records)} prompts, fewer than rl.prompts_per_step={cfg.rl.prompts_per_step}")
     scorer = Scorer(cfg.rewards, device=policy.device)
     eval_budget = prompt_budget(policy.model.config, cfg.eval.generation.max_new_tokens, "eval.generation.max_new_tokens")
     eval_records = (load_rl_prompts(cfg.eval.prompts, cfg.eval.tasks, cfg.eval.limit, tokenizer,
-                                    max_prompt_tokens=eval_budget) if cfg.eval.prompts else [])
+                                    max_prompt_tokens=eval_budget, image_inputs=policy.image_inputs,
+                                    model_name=cfg.model.path) if cfg.eval.prompts else [])
     eval_scorer = Scorer(cfg.eval.rewards, device=policy.device) if cfg.eval.rewards else scorer
 
     # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------

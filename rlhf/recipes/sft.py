@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from rlhf.config import GenerationSettings, ModelSettings, OptimSettings, Section, StageConfig, TrainSettings
-from rlhf.data import collate_sft, load_prompts, load_records, tokenize_sft
+from rlhf.data import collate_sft, load_prompts, load_records, prompt_text, sft_texts, tokenize_sft
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold
@@ -22,6 +22,7 @@ from rlhf.training import (
     end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.tracking import progress
+from rlhf.vision import check_image_prompts
 from rlhf.world import gold_score_fn, gold_task_records, scratch_builder
 
 
@@ -76,10 +77,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         split = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         eval_records = [records[i] for i in split[:n_eval]]
         records = [records[i] for i in split[n_eval:]]
-    train_set, _ = tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.skip_overlong_prompts)
-    eval_set = tokenize_sft(eval_records, tokenizer, cfg.data.max_length, True)[0] if eval_records else []
+    images = policy.image_inputs  # a vision-language model: every prompt carries one image
+    model_name = cfg.model.path or "(scratch)"
+    check_image_prompts(records + eval_records, images, model_name, prompt_of=lambda r: sft_texts(r, tokenizer)[0])
+    train_set, _ = tokenize_sft(records, tokenizer, cfg.data.max_length, cfg.data.skip_overlong_prompts, images)
+    eval_set = tokenize_sft(eval_records, tokenizer, cfg.data.max_length, True, images)[0] if eval_records else []
     gold_prompts = load_prompts(cfg.data.gold_prompts, cfg.data.gold_limit) if cfg.data.gold_prompts else []
     gold_prompts = gold_task_records(gold_prompts)  # the gold judge scores prompts of the demo world's tasks
+    check_image_prompts(gold_prompts, images, model_name, prompt_of=lambda r: prompt_text(r, tokenizer))
 
     # 4. optimizer and schedule, prepared by accelerate (DDP / FSDP / mixed precision when launched so) ----------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
@@ -93,14 +98,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     def batch_for(micro_index: int) -> dict[str, torch.Tensor]:
         idx = micro_batch_indices(len(train_set), cfg.train.batch_size, micro_index, cfg.seed,
                                   accelerator.process_index, accelerator.num_processes)
-        batch = collate_sft([train_set[i] for i in idx], tokenizer.pad_token_id)
+        batch = collate_sft([train_set[i] for i in idx], tokenizer.pad_token_id, images)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     def evaluate() -> dict[str, float]:
         model.eval()
         metrics = {}
         if eval_set:
-            metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device)
+            metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, cfg, accelerator.device, images)
         if gold_prompts:  # generate on the bare model: a DDP / FSDP wrapper has no `generate`
             metrics.update(evaluate_gold(policy.unwrapped(accelerator), gold_prompts, cfg.generation, gold_score_fn,
                                          accelerator=accelerator))
@@ -118,7 +123,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         loss_sum = 0.0
         for i, (batch, w) in enumerate(zip(micro, weights)):
             with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
-                nll = sequence_nll(model, batch["input_ids"], batch["attention_mask"])
+                nll = sequence_nll(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
                 loss, _ = weighted_nll_loss(nll, w, normalizer)
                 accelerator.backward(loss)
             loss_sum += loss.item()
@@ -136,13 +141,15 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
 
 @torch.no_grad()
-def eval_loss(model, examples, pad_token_id: int, cfg: Config, device) -> float:
+def eval_loss(model, examples, pad_token_id: int, cfg: Config, device, image_inputs=None) -> float:
     """Completion-token NLL on held-out demonstrations (same λ weighting as training)."""
     total, weight = 0.0, 0.0
     for start in range(0, len(examples), cfg.train.batch_size):
-        batch = {k: v.to(device) for k, v in collate_sft(examples[start:start + cfg.train.batch_size], pad_token_id).items()}
+        chunk = examples[start:start + cfg.train.batch_size]
+        batch = {k: v.to(device) for k, v in collate_sft(chunk, pad_token_id, image_inputs).items()}
         w = sft_loss_weights(batch["completion_mask"], batch["attention_mask"], cfg.prompt_loss_weight)
-        _, stats = weighted_nll_loss(sequence_nll(model, batch["input_ids"], batch["attention_mask"]), w)
+        nll = sequence_nll(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+        _, stats = weighted_nll_loss(nll, w)
         total += stats["loss/nll_sum"].item()
         weight += stats["loss/weight_sum"].item()
     return total / max(weight, 1e-8)
