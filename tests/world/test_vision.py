@@ -195,13 +195,16 @@ def test_a_text_only_policy_cannot_beat_chance(eval_rows):
 
     review = [r for r in eval_rows if r["task"] == "image_review"]
     assert len({r["prompt"] for r in review}) == 1 and len(review) == 100
+    # per product: 20 demonstrations and one top review (the product and two parts, three positive sentences)
     rng = random.Random(0)
-    own = {p: [reviews.write_review(rng, p, reviews.DEMO) for _ in range(20)] for p in vision.PRODUCTS}
+    own = {p: [reviews.write_review(rng, p, reviews.DEMO) for _ in range(20)]
+           + [f" the {p} is excellent . i love the {reviews.PARTS[p][1]} . the {reviews.PARTS[p][2]} is great ."]
+           for p in vision.PRODUCTS}
+    # no noun at all: on topic for every product, the best a policy blind to the product can do (~0.56)
     generic = [" it works perfectly . i would buy it again .", " it works well . i would buy it again . it works perfectly .",
-               " it works perfectly ."]  # no noun: on topic for every product
-    candidates = [c for texts in own.values() for c in texts] + generic
-    best_constant = max(_mean([score(r, c) for r in review]) for c in candidates)
-    oracle = _mean([max(score(r, c) for c in own[r["meta"]["product"]]) for r in review])  # sees the product
+               " it works perfectly ."]
+    best_constant = max(_mean([score(r, c) for r in review]) for c in [*generic, *(c for cs in own.values() for c in cs)])
+    oracle = _mean([max(score(r, c) for c in own[r["meta"]["product"]]) for r in review])  # sees the product: ~0.98
     assert best_constant < oracle - 0.3
 
 
