@@ -193,3 +193,44 @@ def chat_model_dir(tmp_path_factory) -> Path:
 def gguf_writer():
     """`write_tiny_gguf` for tests that write their own variants (another architecture, EOS, tensor type)."""
     return write_tiny_gguf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision: the small rendered world, a nano ViT and a tiny LLaVA-style policy of it and the nano Llama
+
+
+@pytest.fixture(scope="session")
+def vision_world(tmp_path_factory) -> Path:
+    """The vision world at its small sizes (`rlhf.world.vision.generate(small=True)`)."""
+    from rlhf.world.vision import generate
+
+    path = tmp_path_factory.mktemp("vision-world")
+    generate(path, seed=0, small=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vit_dir(tmp_path_factory) -> Path:
+    """A randomly initialised nano ViT (32 px images, 8 px patches: 16 image tokens) with its image processor."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory, policy_dir, vit_dir) -> Path:
+    """A tiny vision-language policy (nano ViT + projector + the nano Llama of `policy_dir`), saved as a stage would."""
+    from rlhf.config import ModelSettings
+    from rlhf.policy import PolicyModel
+
+    path = tmp_path_factory.mktemp("vlm")
+    PolicyModel.load(ModelSettings(path=str(policy_dir), vision_tower=str(vit_dir)), device="cpu").save(path)
+    return path

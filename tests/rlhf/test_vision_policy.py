@@ -27,19 +27,6 @@ def _square(path, colour, box):
 
 
 @pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory):
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    path = tmp_path_factory.mktemp("vit")
-    config = ViTConfig(image_size=SIDE, patch_size=PATCH, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)
-    torch.manual_seed(0)
-    ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": SIDE, "width": SIDE}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def image_rows(tmp_path_factory):
     """Two prompt records with images, paths relative to their jsonl file, as a dataset would hold them."""
     root = tmp_path_factory.mktemp("rows")
