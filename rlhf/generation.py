@@ -115,9 +115,52 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
 
 
+def is_vision_language(model) -> bool:
+    """A LLaVA-style model: vision tower and projector in `.model`, a causal LM's trunk in `.model.language_model`."""
+    inner = getattr(base_model(model), "model", None)
+    return hasattr(inner, "language_model") and hasattr(inner, "get_image_features")
+
+
+class _TextView:
+    """A vision-language model's causal LM (its language model trunk and LM head) in the Llama layout the fast
+    sampler reads: the image features enter as prompt embeddings, after which decoding is text-only."""
+
+    def __init__(self, vlm):
+        self.model = vlm.model.language_model
+        self.config = vlm.config.get_text_config()
+        self.generation_config = getattr(vlm, "generation_config", None)
+        self._head = vlm.get_output_embeddings()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self._head
+
+
+def _text_lm(model):
+    lm = base_model(model)
+    return _TextView(lm) if is_vision_language(lm) else lm
+
+
+def prompt_embeddings(model, prompt_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A vision-language model's input embeddings of left-padded prompts (R, P): token embeddings with each image's
+    projected patch features in its placeholder positions, as the model's own forward builds them. Shape: (R, P, D)."""
+    inner = base_model(model).model
+    config = base_model(model).config
+    embeds = inner.get_input_embeddings()(prompt_ids)
+    features = inner.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                        vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+    features = torch.cat(list(features), dim=0).to(embeds.dtype)
+    slots = (prompt_ids == config.image_token_id)
+    if int(slots.sum()) != features.size(0):
+        raise ValueError(f"{int(slots.sum())} image tokens in the prompts for {features.size(0)} image features")
+    return embeds.masked_scatter(slots[..., None], features)
+
+
 def unsupported_reason(model) -> str | None:
     """Why the fast sampler cannot run `model` (None = it can): architecture, attention variant, LoRA variant."""
-    lm = base_model(model)
+    lm = _text_lm(model)
     config = getattr(lm, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
@@ -307,13 +350,14 @@ def _rope_tables(weights: _Weights, length: int, device) -> tuple[torch.Tensor, 
 
 
 def _prefill(weights: _Weights, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cos_table, sin_table,
-             prefix_k: list[torch.Tensor], prefix_v: list[torch.Tensor]) -> torch.Tensor:
+             prefix_k: list[torch.Tensor], prefix_v: list[torch.Tensor], embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Run the distinct prompts (R, p) once; write their K/V into the right-most p slots of the prefix caches
-    (R, kv_heads, P, d); return the last position's logits (R, V) in float32."""
+    (R, kv_heads, P, d); return the last position's logits (R, V) in float32. `embeds` (R, p, D): the prompts'
+    input embeddings when they are not the token embeddings (a vision-language model's image features)."""
     spec = weights.spec
     rows, width = ids.shape
     q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    x = F.embedding(ids, weights.embed)
+    x = F.embedding(ids, weights.embed) if embeds is None else embeds.to(weights.embed.dtype)
     cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (R, 1, p, d)
     causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
     # a padding query sees only itself (a row of nothing but masked keys would give NaN and poison its K/V)
@@ -569,9 +613,11 @@ def _sample(
     bf16: bool = False,
     compile: bool | None = None,
     uniforms: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, SampleStats]:
     stats = SampleStats()
-    lm = base_model(model)
+    lm = _text_lm(model)
     device = prompt_ids.device
     start = time.perf_counter()
     weights = _read_weights(lm, torch.bfloat16 if bf16 else None)
@@ -597,7 +643,8 @@ def _sample(
     prefix_v = [alloc(t.shape, dtype=act_dtype, device=device) for t in prefix_k]
     # transformers' position ids for a left-padded prompt: cumsum(mask) - 1, padding at 1 (it never attends anyway)
     positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(~prompt_mask, 1)
-    logits = _prefill(weights, prompt_ids, prompt_mask, positions, cos_table, sin_table, prefix_k, prefix_v)
+    embeds = prompt_embeddings(model, prompt_ids, pixel_values) if pixel_values is not None else None
+    logits = _prefill(weights, prompt_ids, prompt_mask, positions, cos_table, sin_table, prefix_k, prefix_v, embeds)
     prefix_bias = torch.full((rows, width_p), float("-inf"), dtype=act_dtype, device=device)
     prefix_bias[:, width_p - width:].masked_fill_(prompt_mask, 0.0)
     prefix_bias = prefix_bias.repeat_interleave(spec.kv_heads, dim=0)[:, None]  # (R·kv, 1, P)
@@ -618,7 +665,10 @@ def _sample(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     logits = logits.repeat_interleave(n, dim=0)
     steps = 0
+    suppressed = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
     for t in range(max_new_tokens):
+        if len(suppressed):
+            logits = logits.index_fill(-1, suppressed, float("-inf"))
         tokens = select_tokens(logits, greedy, temperature, top_k, top_p, None if uniforms is None else uniforms[:, t])
         tokens = torch.where(unfinished, tokens, pad_token_id)
         out[:, t] = tokens
@@ -700,7 +750,8 @@ def generate(
                 uniforms = None if seed is None or greedy else prompt_uniforms(
                     seed, first_prompt, prompt_ids.size(0), n, max_new_tokens).to(device)
                 try:
-                    return sample(model, prompt_ids, prompt_mask, **picks, bf16=bf16, uniforms=uniforms)
+                    return sample(model, prompt_ids, prompt_mask, **picks, bf16=bf16, uniforms=uniforms,
+                                  pixel_values=pixel_values, suppress_ids=suppress_ids)
                 except _Unsupported as exc:  # sharded since the verdict (FSDP shards in place): hf from now on
                     _fall_back(model, str(exc))
             return _hf_generate(model, prompt_ids, prompt_mask, bos_token_id=bos_token_id, bf16=bf16,

@@ -170,3 +170,28 @@ def test_a_vision_tower_that_is_not_one(policy_dir, tmp_path):
         PolicyModel.load(ModelSettings(path=str(policy_dir), vision_tower=str(tmp_path)), device="cpu")
     with pytest.raises(UserError, match="is a llama model, not a ViT"):
         PolicyModel.load(ModelSettings(path=str(policy_dir), vision_tower=str(policy_dir)), device="cpu")
+
+
+def test_the_fast_sampler_takes_image_prompts(vlm, policy_dir, vit_dir, image_rows):
+    from rlhf import generation
+
+    assert generation.unsupported_reason(vlm.model) is None  # the language model is a Llama: fast decodes it
+    prompts, images = [r["prompt"] for r in image_rows], _images(image_rows)
+    fast = vlm.generate(prompts, images=images, max_new_tokens=8, greedy=True, backend="fast")
+    slow = vlm.generate(prompts, images=images, max_new_tokens=8, greedy=True, backend="hf")
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    # under LoRA with moved adapters too, and the image token is never sampled
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    policy = PolicyModel.load(ModelSettings(path=str(policy_dir), vision_tower=str(vit_dir), lora=lora), device="cpu")
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        head = policy.model.get_output_embeddings().weight
+        head[policy.model.config.image_token_id] += 5.0  # the image token would win every step
+    assert generation.unsupported_reason(policy.model) is None
+    fast = policy.generate(prompts, images=images, max_new_tokens=8, greedy=True, backend="fast")
+    slow = policy.generate(prompts, images=images, max_new_tokens=8, greedy=True, backend="hf")
+    assert torch.equal(fast.response_ids, slow.response_ids)
+    sampled = policy.generate(prompts, images=images, n=4, max_new_tokens=8, seed=0, backend="fast")
+    assert not (sampled.response_ids == policy.model.config.image_token_id).any()
