@@ -181,8 +181,9 @@ def build_vision_language_model(lm, tokenizer, tower_path: str, seed: int = 0):
     fresh two-layer projector and the causal LM `lm`, whose weights it takes over; `IMAGE_TOKEN` is added to
     `tokenizer`. Returns (model, image processor).
 
-    The projector reads every patch feature of the tower's last layer and drops [CLS] (LLaVA's "default"
-    strategy); it is the one randomly initialised part, so a first SFT stage has to train it."""
+    The projector reads the tower's last layer whole: [CLS] (the ViT's image representation, what its classifier
+    read) and every patch feature (LLaVA's "full" strategy). It is the one randomly initialised part, so a first
+    SFT stage has to train it."""
     from transformers import AutoConfig, AutoModel, LlavaConfig, LlavaForConditionalGeneration
 
     from rlhf.policy import loading
@@ -196,7 +197,14 @@ def build_vision_language_model(lm, tokenizer, tower_path: str, seed: int = 0):
         if vision_config.model_type not in ("vit", "clip_vision_model", "siglip_vision_model"):
             raise UserError(f"config key 'model.vision_tower': {tower_path} is a {vision_config.model_type} model, "
                             "not a ViT / CLIP / SigLIP vision tower")
-        tower = AutoModel.from_pretrained(str(tower_dir), config=vision_config)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a classifier's head is meant to be left out of the tower
+        try:
+            tower = AutoModel.from_pretrained(str(tower_dir), config=vision_config)
+        finally:
+            hf_logging.set_verbosity(level)
     processor = load_image_processor(tower_dir)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
@@ -204,7 +212,7 @@ def build_vision_language_model(lm, tokenizer, tower_path: str, seed: int = 0):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     config = LlavaConfig(vision_config=vision_config, text_config=lm.config,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         vision_feature_select_strategy="full", projector_hidden_act="gelu",
                          tie_word_embeddings=lm.config.tie_word_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

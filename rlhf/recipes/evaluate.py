@@ -13,10 +13,11 @@ from pydantic import Field
 from rlhf.config import GenerationSettings, StageConfig
 from rlhf.distributed import process_state
 from rlhf.errors import UserError
-from rlhf.data import load_prompts
+from rlhf.data import load_prompts, prompt_text
 from rlhf.evaluation import check_group_by, format_ci, paired_bootstrap, score_prompts, scorer_score_fn, summarize
 from rlhf.policy import PolicyModel
 from rlhf.stage import StageContext
+from rlhf.vision import check_image_prompts
 from rlhf.world import gold_score_fn, gold_task_records
 from reward_models.scoring import RewardComponent, Scorer
 
@@ -55,6 +56,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     per_prompt, results = {}, {}
     for label, path in cfg.models.items():
         policy = PolicyModel.from_pretrained(path)
+        check_image_prompts(prompts, policy.image_inputs, path, prompt_of=lambda r: prompt_text(r, policy.tokenizer))
         per_prompt[label] = score_prompts(policy, prompts, cfg.generation, score_fn, seed=cfg.seed, group_by=cfg.group_by,
                                           accelerator=state)
         results[label] = summarize(per_prompt[label])

@@ -14,7 +14,7 @@ from rlhf.errors import UserError
 from rlhf.policy import PolicyModel, next_token_logprobs
 from rlhf.vision import IMAGE_TOKEN, check_image_prompts, record_images
 
-SIDE, PATCH = 32, 8  # 16 image tokens per prompt
+SIDE, PATCH = 32, 8  # 16 patches + [CLS] = 17 image tokens per prompt
 
 
 def _square(path, colour, box):
@@ -53,7 +53,7 @@ def test_built_from_the_tower_and_the_language_model(vlm, policy_dir, vit_dir):
     from transformers import AutoModelForCausalLM, ViTModel
 
     assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
-    assert vlm.image_inputs.tokens_per_image == (SIDE // PATCH) ** 2
+    assert vlm.image_inputs.tokens_per_image == (SIDE // PATCH) ** 2 + 1  # patches and [CLS]
     assert IMAGE_TOKEN in vlm.tokenizer.get_vocab()
     lm = AutoModelForCausalLM.from_pretrained(policy_dir)
     inner = vlm.model.model
@@ -68,7 +68,7 @@ def test_generate_and_forward_agree_and_the_image_matters(vlm, image_rows):
     prompts = [r["prompt"] for r in image_rows]
     rollout = vlm.generate(prompts, images=_images(image_rows), max_new_tokens=6, greedy=True, backend="hf")
     assert rollout.pixel_values.shape == (2, 3, SIDE, SIDE)
-    assert rollout.prompt_ids.size(1) >= 16 + 2  # the placeholder became 16 image tokens
+    assert rollout.prompt_ids.size(1) >= 17 + 2  # the placeholder became 17 image tokens
     with torch.no_grad():
         logits = vlm.model(**rollout.model_inputs()).logits[:, rollout.prompt_ids.size(1) - 1:-1]
     greedy = logits.argmax(-1)
@@ -127,7 +127,7 @@ def test_saved_policy_loads_back_with_its_processor(vlm, image_rows, tmp_path):
 def test_sft_examples_carry_their_images(vlm, image_rows):
     examples, _ = tokenize_sft(image_rows, vlm.tokenizer, 64, image_inputs=vlm.image_inputs)
     image_id = vlm.model.config.image_token_id
-    assert all(e.input_ids.count(image_id) == 16 for e in examples)
+    assert all(e.input_ids.count(image_id) == 17 for e in examples)
     batch = collate_sft(examples, vlm.tokenizer.pad_token_id, vlm.image_inputs)
     assert batch["pixel_values"].shape == (2, 3, SIDE, SIDE)
     assert not torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
