@@ -57,7 +57,21 @@ def load_records(source: str | Path, split: str = "train") -> list[Record]:
         raise UserError(f"{source}: dataset is empty")
     for rec in records:
         check_record(rec)
+        if path.is_file():
+            absolute_image_paths(rec, path.parent)
     return records
+
+
+def absolute_image_paths(record: Record, base: Path) -> None:
+    """Make a record's relative image paths (`images` / `image`, relative to its file) absolute, so the record can be
+    copied, re-written elsewhere (e.g. as a preference pair) and still find its images."""
+    for name in ("images", "image"):
+        value = record.get(name)
+        items = value if isinstance(value, list) else [value]
+        fixed = [str((base / item).resolve()) if isinstance(item, str) and item and not Path(item).expanduser().is_absolute()
+                 else item for item in items]
+        if value not in (None, []) and fixed != items:
+            record[name] = fixed if isinstance(value, list) else fixed[0]
 
 
 def check_record(record: Record) -> None:

@@ -488,7 +488,8 @@ def base_evaluation(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | None:
     policy = PolicyModel.load(ModelSettings(path=cfg.base))
     ev = ref.cfg.eval
     budget = prompt_budget(policy.model.config, ev.generation.max_new_tokens, "eval.generation.max_new_tokens")
-    records = load_rl_prompts(ev.prompts, ev.tasks, ev.limit, policy.tokenizer, max_prompt_tokens=budget)
+    records = load_rl_prompts(ev.prompts, ev.tasks, ev.limit, policy.tokenizer, max_prompt_tokens=budget,
+                              image_inputs=policy.image_inputs, model_name=cfg.base)
     gold, train = _scorers(ref.cfg)
     metrics = evaluate_gold(policy, records, ev.generation, scorer_score_fn(gold or train, train), seed=ref.seed)
     out.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))
