@@ -42,6 +42,7 @@ STAGES: dict[str, str] = {
     "eval": "rlhf.recipes.evaluate",
     "collect": "rlhf.collect.stage",
     "world": "rlhf.recipes.world",
+    "vit": "rlhf.recipes.vit",
 }
 
 
