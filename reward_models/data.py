@@ -8,7 +8,9 @@ Accepted rows follow TRL's preference formats (https://huggingface.co/docs/trl/d
     conversational, implicit       {"chosen": [<whole conversation>], "rejected": [<whole conversation>]}
 
 plus two optional fields: `margin` (float, the score gap the pair should have, Llama 2 §3.2.2; TRL reads it too)
-and `tie` (bool, the annotator saw no difference; trained with the symmetric loss for label ½). Any other field
+and `tie` (bool, the annotator saw no difference; trained with the symmetric loss for label ½). A pair about an image
+carries it in `images` (TRL's vision preference format: prompt / chosen / rejected / images; file paths relative to
+the row's file, one image per pair, its place in the prompt marked by `rlhf.vision.IMAGE_TOKEN`). Any other field
 (`task`, `meta`, ...) rides along untouched. Rows come from `rlhf.data.load_records` (JSONL, parquet, a
 `datasets.save_to_disk` directory or a hub id), so every error names `file:line` and the field.
 
@@ -22,14 +24,17 @@ real prompt.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from rlhf.data import Record, encode_prompt, load_records
 from rlhf.errors import UserError
+from rlhf.vision import IMAGE_FIELDS, check_image_prompts, message_text, record_images
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +50,32 @@ class PreferencePair:
     tie: bool = False
     origin: str = "?"
     extra: dict = field(default_factory=dict)  # the row's other fields (task, meta, ...)
+    images: list = field(default_factory=list)  # the prompt's images (RGB PIL), from the row's `images` column
+    image_key: str = ""  # a digest of the images' pixels: which image the prompt shows ("" = none)
 
     @property
     def label(self) -> float:
         """P(chosen wins) the loss fits: 1.0 for a strict preference, 0.5 for a tie."""
         return 0.5 if self.tie else 1.0
+
+
+def image_digest(images: list) -> str:
+    """A key of PIL images by their pixels: the same picture is the same prompt, whichever file holds it."""
+    if not images:
+        return ""
+    digest = hashlib.sha1()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def check_pair_images(pairs: list[PreferencePair], image_inputs, model_name: str) -> None:
+    """Every pair fits the model (`rlhf.vision.check_image_prompts`): a text-only model takes no image, a
+    vision-language one (`image_inputs`) one image per pair, marked once in the prompt. Errors name file:line and
+    the field."""
+    check_image_prompts([Record.at({"prompt": p.prompt, "images": p.images}, p.origin) for p in pairs],
+                        image_inputs, model_name)
 
 
 def load_preferences(source: str, tokenizer=None, split: str = "train") -> list[PreferencePair]:
@@ -86,6 +112,9 @@ def parse_pair(record: Record, tokenizer=None) -> PreferencePair:
     if implicit:
         fields = dict(zip(("prompt", "chosen", "rejected"), split_implicit_prompt(record["chosen"], record["rejected"])))
     if kinds["chosen"] == "conversation":
+        # TRL's typed content parts (text and image) as text, the image part as its placeholder
+        fields = {k: [{**m, "content": message_text(m["content"])} for m in v] if isinstance(v, list) else v
+                  for k, v in fields.items()}
         prompt, chosen, rejected = _render_conversation(fields, record.origin, tokenizer)
     else:
         prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
@@ -103,8 +132,11 @@ def parse_pair(record: Record, tokenizer=None) -> PreferencePair:
         tie = False
     elif not isinstance(tie, bool):
         raise UserError(f"{record.origin}: field 'tie' must be true or false, got {tie!r}")
-    extra = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "margin", "tie")}
-    return PreferencePair(prompt, chosen, rejected, float(margin), tie, record.origin, extra)
+    extra = {k: v for k, v in record.items()
+             if k not in ("prompt", "chosen", "rejected", "margin", "tie", *IMAGE_FIELDS)}
+    images = record_images(record)  # opened now: a missing or unreadable file is an error naming the row
+    return PreferencePair(prompt, chosen, rejected, float(margin), tie, record.origin, extra, images,
+                          image_digest(images))
 
 
 def _kind(record: Record, name: str) -> str:
@@ -188,10 +220,12 @@ def _render_conversation(fields: dict, origin: str, tokenizer) -> tuple[str, str
 
 @dataclass
 class Encoded:
-    """One scored sequence: token ids and, for encoders fed a (prompt, response) text pair, segment ids."""
+    """One scored sequence: token ids and, for encoders fed a (prompt, response) text pair, segment ids; for a
+    vision-language reward model the prompt's image (PIL, turned into pixel values when a batch is collated)."""
 
     input_ids: list[int]
     token_type_ids: list[int] | None = None
+    image: Any = None
 
 
 PROMPT_FLOOR = 0.25  # share of an encoder's token budget kept for the end of the prompt when the response is long
@@ -209,7 +243,8 @@ class Truncation:
         return bool(self.prompt or self.response)
 
 
-def encode_response(tokenizer, backbone: str, prompt: str, completion: str, max_length: int) -> tuple[Encoded, Truncation]:
+def encode_response(tokenizer, backbone: str, prompt: str, completion: str, max_length: int, image_inputs=None,
+                    image=None) -> tuple[Encoded, Truncation]:
     """Tokenize what the reward model reads for one (prompt, response). Returns (encoded, what was cut).
 
     Both backbones keep the end of the prompt (the latest turns, the context that matters most) and the whole
@@ -220,16 +255,27 @@ def encode_response(tokenizer, backbone: str, prompt: str, completion: str, max_
     encoder: "[CLS] prompt [SEP] response [SEP]" as a text pair with segment ids, the cross-encoder input BERT
         was pretrained on. Too long -> the prompt is cut from the left; a response too long to fit beside the last
         `PROMPT_FLOOR` of the budget's worth of prompt tokens is cut from the right to make room for them.
+    vision-language decoder (`image_inputs`, `rlhf.vision.ImageInputs`): the prompt's image placeholder becomes the
+        model's image tokens first (they count in max_length) and `image` rides along; a cut may not reach them (the
+        image's features need every one of its tokens), which is an error naming max_length.
     """
     if backbone == "decoder":
+        if image_inputs is not None:
+            prompt = image_inputs.expand(prompt)
         ids = encode_prompt(prompt + completion, tokenizer)
         if ids[-1] != tokenizer.eos_token_id:  # a chat template may have written the EOS already
             ids.append(tokenizer.eos_token_id)
         over = len(ids) - max_length
         if over <= 0:
-            return Encoded(ids), Truncation()
+            return Encoded(ids, image=image), Truncation()
         n_prompt = len(encode_prompt(prompt, tokenizer))  # with BOS; the prompt / response seam is approximate
-        return Encoded(ids[-max_length:]), Truncation(min(over, n_prompt), max(0, over - n_prompt))
+        kept = ids[-max_length:]
+        if image_inputs is not None:
+            image_id = tokenizer.convert_tokens_to_ids(image_inputs.token)
+            if kept.count(image_id) < ids.count(image_id):
+                raise UserError(f"the prompt's image ({image_inputs.tokens_per_image} tokens) and the response do not "
+                                f"fit max_length={max_length} tokens ({len(ids)} needed); raise the max_length")
+        return Encoded(kept, image=image), Truncation(min(over, n_prompt), max(0, over - n_prompt))
     if not prompt:
         full = tokenizer(completion, truncation=False)
         over = len(full["input_ids"]) - max_length
@@ -261,8 +307,9 @@ def encode_response(tokenizer, backbone: str, prompt: str, completion: str, max_
     return encoded, Truncation(n_prompt - keep_prompt, n_response - keep_response)
 
 
-def pad_right(encoded: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad sequences. Returns input_ids, attention_mask (and token_type_ids when present). Shape: (N, L)."""
+def pad_right(encoded: list[Encoded], pad_token_id: int, image_inputs=None) -> dict[str, torch.Tensor]:
+    """Right-pad sequences. Returns input_ids, attention_mask (and token_type_ids when present), shape (N, L); with
+    `image_inputs` (a vision-language reward model) each sequence's image as pixel_values (N, C, H, W)."""
     width = max(len(e.input_ids) for e in encoded)
     ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -276,6 +323,8 @@ def pad_right(encoded: list[Encoded], pad_token_id: int) -> dict[str, torch.Tens
     batch = {"input_ids": ids, "attention_mask": mask}
     if types is not None:
         batch["token_type_ids"] = types
+    if image_inputs is not None:
+        batch["pixel_values"] = image_inputs.pixel_values([e.image for e in encoded])
     return batch
 
 
@@ -313,13 +362,18 @@ class TruncationReport:
                 f"{prefix}responses_cut": float(self.responses_cut)}
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, backbone: str,
-                   max_length: int) -> tuple[list[TokenizedPair], TruncationReport]:
-    """Tokenize every pair for training. Returns the pairs and what truncation cut (`TruncationReport.summary()`)."""
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, backbone: str, max_length: int,
+                   image_inputs=None) -> tuple[list[TokenizedPair], TruncationReport]:
+    """Tokenize every pair for training (with `image_inputs`, each with its image: `encode_response`). Returns the
+    pairs and what truncation cut (`TruncationReport.summary()`)."""
     out, report = [], TruncationReport(max_length=max_length)
     for p in pairs:
-        chosen, cut_c = encode_response(tokenizer, backbone, p.prompt, p.chosen, max_length)
-        rejected, cut_r = encode_response(tokenizer, backbone, p.prompt, p.rejected, max_length)
+        image = p.images[0] if image_inputs is not None else None
+        try:
+            chosen, cut_c = encode_response(tokenizer, backbone, p.prompt, p.chosen, max_length, image_inputs, image)
+            rejected, cut_r = encode_response(tokenizer, backbone, p.prompt, p.rejected, max_length, image_inputs, image)
+        except UserError as exc:
+            raise UserError(f"{p.origin}: {exc}") from None
         report.add(cut_c, cut_r)
         out.append(TokenizedPair(chosen, rejected, p.margin, p.label))
     return out, report
@@ -327,14 +381,16 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, backbone: str,
 
 def group_by_prompt(pairs: list[PreferencePair]) -> list[list[int]]:
     """Indices of consecutive pairs that share a prompt: one group per run of equal prompts, as a K-wise comparison
-    file lists them (a prompt text that comes back later, e.g. a second sampling of it, starts a new group).
+    file lists them (a prompt text that comes back later, e.g. a second sampling of it, starts a new group). An
+    image prompt is its text and its image: "<review> <image>" about a tent and about a lamp are two prompts.
 
     Used to keep all comparisons of one prompt in the same batch (InstructGPT §3.5: each of a prompt's K responses
     is scored once for all C(K, 2) comparisons) and to hold out whole groups, so no response is in both sets.
     """
     groups: list[list[int]] = []
     for i, p in enumerate(pairs):
-        if groups and pairs[groups[-1][-1]].prompt == p.prompt:
+        last = pairs[groups[-1][-1]] if groups else None
+        if last is not None and (last.prompt, last.image_key) == (p.prompt, p.image_key):
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -355,14 +411,15 @@ def split_by_prompt(pairs: list[PreferencePair], fraction: float, seed: int,
     return ([p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out])
 
 
-def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(batch: list[TokenizedPair], pad_token_id: int, image_inputs=None) -> dict[str, torch.Tensor]:
     """One right-padded batch of the *distinct* sequences of `batch`, so each response is scored once however many
     pairs it is in (TRL's `DataCollatorForPreference` stacks chosen then rejected; with no repeated response this is
     exactly that layout).
 
     Returns input_ids / attention_mask (/ token_type_ids) of shape (U, L), U ≤ 2B distinct sequences, ordered with
     every sequence that is some pair's chosen response first (`lm_rows` of them, the rows the auxiliary LM loss
-    reads); `chosen_index` / `rejected_index` (B,) rows of each pair's responses; `margin`, `label` (B,).
+    reads); `chosen_index` / `rejected_index` (B,) rows of each pair's responses; `margin`, `label` (B,); with
+    `image_inputs`, pixel_values (U, C, H, W): each sequence's image.
     """
     keys = [_key(p.chosen) for p in batch] + [_key(p.rejected) for p in batch]
     rows: dict[tuple, int] = {}
@@ -372,7 +429,7 @@ def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, to
             rows[key] = len(encoded)
             encoded.append(enc)
     lm_rows = len({k for k in keys[: len(batch)]})  # chosen sequences were added first
-    out = pad_right(encoded, pad_token_id)
+    out = pad_right(encoded, pad_token_id, image_inputs)
     out["chosen_index"] = torch.tensor([rows[k] for k in keys[: len(batch)]])
     out["rejected_index"] = torch.tensor([rows[k] for k in keys[len(batch):]])
     out["margin"] = torch.tensor([p.margin for p in batch], dtype=torch.float32)
@@ -382,4 +439,5 @@ def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, to
 
 
 def _key(enc: Encoded) -> tuple:
-    return tuple(enc.input_ids), tuple(enc.token_type_ids or ())
+    # the image object itself: one pair's two sequences share it, and the same tokens about another image differ
+    return tuple(enc.input_ids), tuple(enc.token_type_ids or ()), id(enc.image) if enc.image is not None else None

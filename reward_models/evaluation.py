@@ -20,12 +20,17 @@ def evaluate_pairs(rm: RewardModel, pairs: list[PreferencePair], batch_size: int
     `eval/ece` (calibration of σ(r_c − r_r), see `expected_calibration_error`), `eval/loss` (the Bradley-Terry loss
     with margins and ties, as in training), `eval/pairs`.
     """
-    # score each distinct (prompt, response) once: K-wise comparisons share responses
-    distinct = list(dict.fromkeys([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]))
+    # score each distinct (prompt, image, response) once: K-wise comparisons share responses
+    keys = [(p.prompt, p.image_key, p.chosen) for p in pairs] + [(p.prompt, p.image_key, p.rejected) for p in pairs]
+    image_of = {}  # key -> the image (PIL) of the first pair with that key
+    for key, p in zip(keys, pairs + pairs):
+        image_of.setdefault(key, p.images[0] if p.images else None)
+    distinct = list(image_of)
     row = {key: i for i, key in enumerate(distinct)}
-    scores = rm.score([k[0] for k in distinct], [k[1] for k in distinct], batch_size)
-    chosen = scores[[row[(p.prompt, p.chosen)] for p in pairs]]
-    rejected = scores[[row[(p.prompt, p.rejected)] for p in pairs]]
+    images = [image_of[k] for k in distinct] if rm.image_inputs is not None else None
+    scores = rm.score([k[0] for k in distinct], [k[2] for k in distinct], batch_size, images=images)
+    chosen = scores[[row[(p.prompt, p.image_key, p.chosen)] for p in pairs]]
+    rejected = scores[[row[(p.prompt, p.image_key, p.rejected)] for p in pairs]]
     label = torch.tensor([p.label for p in pairs])
     margin = torch.tensor([p.margin for p in pairs])
     loss, _ = bradley_terry_loss(chosen, rejected, margin, label)

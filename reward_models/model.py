@@ -6,9 +6,24 @@
   InstructGPT reward model.
 - encoder (BERT family): h is the pooled [CLS] output, and the head is HF's `classifier` (with bias).
 
+- vision-language decoder (a LLaVA-style model: vision tower + projector + language model, e.g. the SFT stage's
+  output on image prompts): the prompt's image placeholder holds the projected image features, and h is the final
+  hidden state at the last real token exactly as for a decoder. transformers has no sequence-classification class
+  for LLaVA, so the trunk is `LlavaForConditionalGeneration.model` and the head a `score` linear layer of our own
+  (`VisionLanguageClassifier`).
+
 The weights are a Hugging Face `AutoModelForSequenceClassification` with `num_labels=1`, so TRL, vLLM and plain
 `from_pretrained` read them. The mean / std of the scores on samples of the SFT policy are stored in the model's
 `config.json` under `reward_stats`, so they travel with the weights (PPO / GRPO normalize rewards with them).
+
+An image reward model's directory is the vision-language model's own (`AutoModelForImageTextToText.from_pretrained`
+loads it, LM head included, so it also loads as a policy), plus the head:
+
+    config.json               LlavaConfig, with `reward_stats`
+    model.safetensors         vision tower, projector, language model and LM head (LoRA merged)
+    reward_head.safetensors   the score head: `weight` (1, hidden) (and `bias` when it has one)
+    tokenizer files, processor_config.json   the tokenizer with its image token, and the image processor
+    adapter/                  with LoRA: the unmerged adapter and score head (as for a decoder)
 """
 
 from __future__ import annotations
@@ -24,9 +39,11 @@ from torch import nn
 
 from rlhf.config import LoraSettings
 from rlhf.errors import UserError
+from rlhf.vision import ImageInputs
 from reward_models.data import Encoded, encode_response, pad_right
 
 STATS_KEY = "reward_stats"
+REWARD_HEAD_FILE = "reward_head.safetensors"  # an image reward model's score head, beside its VLM's weights
 ADAPTER_DIR = "adapter"  # a LoRA reward model's unmerged adapter (+ score head), saved beside the merged weights
 PACKAGE_PREFIX = "pkg:"
 
@@ -64,6 +81,60 @@ def backbone_kind(config) -> str:
     raise UserError(f"model type '{config.model_type}' is neither a causal LM nor a masked-LM encoder family")
 
 
+def is_reward_model_dir(path: str | Path) -> bool:
+    """Whether a local directory holds a trained reward model: an image one (its `REWARD_HEAD_FILE`) or a sequence
+    classifier (checked by the caller from its config)."""
+    return (Path(path).expanduser() / REWARD_HEAD_FILE).is_file()
+
+
+def _vision_backbone(path: str) -> bool:
+    """A vision-language model directory, or a LoRA adapter directory on one."""
+    from rlhf.vision import is_vision_model_dir
+
+    directory = Path(path).expanduser()
+    adapter = directory / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except ValueError:
+            return False
+        return isinstance(base, str) and is_vision_model_dir(base)
+    return is_vision_model_dir(directory)
+
+
+class VisionLanguageClassifier(nn.Module):
+    """The `hf` of an image reward model: a LLaVA-style trunk (`LlavaForConditionalGeneration.model`: vision tower,
+    projector, language model) and a scalar `score` head, read like a decoder's (`RewardModel.forward`).
+
+    The whole vision-language model (trunk + LM head) is kept outside the module tree, so `save` writes it as the
+    model directory while only the trunk and head train."""
+
+    base_model_prefix = "model"  # where peft and `RewardModel` find the trunk
+
+    def __init__(self, vlm, score: nn.Linear):
+        super().__init__()
+        self.model = vlm.model
+        self.score = score
+        self.config = vlm.config
+        self._vlm = [vlm]  # not a submodule; its `.model` is this trunk (a deep copy keeps that so)
+
+    @property
+    def base_model(self):
+        return self.model
+
+    @property
+    def vlm(self):
+        return self._vlm[0]
+
+
+def _score_head(config, dtype) -> nn.Linear:
+    """A new score head as HF initialises one (no bias, N(0, initializer_range)) on a language model's hidden size."""
+    text = config.get_text_config()
+    head = nn.Linear(text.hidden_size, 1, bias=False, dtype=dtype)
+    nn.init.normal_(head.weight, std=getattr(text, "initializer_range", 0.02))
+    return head
+
+
 def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, *others: torch.Tensor | None):
     """Move every row's real tokens to the front (stable), whatever side it was padded on. Shape: (B, L) each.
 
@@ -89,10 +160,12 @@ class RewardModel(nn.Module):
             when the LM ties them); not saved with the reward model.
         max_length: longest sequence scored; longer inputs are truncated (see `reward_models.data.encode_response`).
         peft_model: the `PeftModel` wrapper when `model` carries LoRA adapters (merged on save).
+        image_inputs: a vision-language reward model's image interface (`rlhf.vision.ImageInputs`; `model` is then
+            a `VisionLanguageClassifier`); None = text only.
     """
 
     def __init__(self, model, tokenizer, backbone: str, lm_head: nn.Module | None = None, max_length: int = 512,
-                 peft_model=None):
+                 peft_model=None, image_inputs: ImageInputs | None = None):
         super().__init__()
         if tokenizer.pad_token_id is None:
             raise UserError("the reward model's tokenizer has no pad token")
@@ -102,6 +175,7 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.max_length = max_length
         self._peft = peft_model  # not a submodule: its parameters are `hf`'s
+        self.image_inputs = image_inputs
         self.base_path: str | None = None  # the backbone directory a LoRA reward model's adapter sits on
         self.hf.config.pad_token_id = tokenizer.pad_token_id
 
@@ -112,14 +186,29 @@ class RewardModel(nn.Module):
                       lora: LoraSettings | None = None, with_lm_head: bool = False,
                       max_length: int = 512) -> "RewardModel":
         """A fresh reward model on a pretrained trunk: a causal LM (e.g. the SFT policy, LoRA adapter directories
-        merged) or an encoder. The score head is newly initialised."""
+        merged), a vision-language model (an image SFT policy) or an encoder. The score head is newly initialised."""
         from transformers import AutoTokenizer
 
         path = resolve_model_path(path)
         tok_path = resolve_model_path(tokenizer) if tokenizer else path
         is_adapter = (Path(path) / "adapter_config.json").is_file()
-        kind = backbone if backbone != "auto" else ("decoder" if is_adapter else backbone_kind(_load_config(path)))
-        if kind == "encoder":
+        vision = _vision_backbone(path)
+        if vision and backbone == "encoder":
+            raise UserError(f"config key 'model.backbone': {path} is a vision-language model, which is read as a "
+                            "decoder (its last token); use backbone: auto or decoder")
+        kind = backbone if backbone != "auto" else (
+            "decoder" if is_adapter or vision else backbone_kind(_load_config(path)))
+        image_inputs = None
+        if vision:
+            from rlhf.policy import add_special_tokens, load_causal_lm, load_image_inputs, load_tokenizer
+
+            tok = load_tokenizer(tok_path)
+            vlm = load_causal_lm(path, dtype)
+            add_special_tokens(vlm, tok, [])
+            image_inputs = load_image_inputs(path, vlm)
+            hf = VisionLanguageClassifier(vlm, _score_head(vlm.config, vlm.dtype))
+            lm_head = vlm.get_output_embeddings() if with_lm_head else None
+        elif kind == "encoder":
             if with_lm_head:
                 raise UserError("the auxiliary LM loss (loss.lm_coef > 0) needs a decoder backbone")
             from transformers import AutoModelForSequenceClassification
@@ -144,7 +233,8 @@ class RewardModel(nn.Module):
         peft_model = None
         if lora is not None:
             hf, peft_model = _apply_lora(hf, lora)
-        rm = cls(hf, tok, kind, lm_head=lm_head, max_length=max_length, peft_model=peft_model)
+        rm = cls(hf, tok, kind, lm_head=lm_head, max_length=max_length, peft_model=peft_model,
+                 image_inputs=image_inputs)
         rm.base_path = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
         return rm
 
@@ -156,6 +246,8 @@ class RewardModel(nn.Module):
         from rlhf.policy import loading
 
         path = resolve_model_path(path)
+        if is_reward_model_dir(path):
+            return cls._load_vision(path, dtype, max_length)
         config = _load_config(path)
         if getattr(config, "num_labels", None) != 1:
             raise UserError(f"{path}: not a reward model (num_labels={getattr(config, 'num_labels', None)}, need 1)")
@@ -164,21 +256,66 @@ class RewardModel(nn.Module):
             tok = AutoTokenizer.from_pretrained(path)
         return cls(hf, tok, backbone_kind(config), max_length=max_length)
 
+    @classmethod
+    def _load_vision(cls, path: str, dtype: str, max_length: int) -> "RewardModel":
+        """An image reward model: the vision-language model of the directory and its `REWARD_HEAD_FILE`."""
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        from rlhf.policy import check_model_dir, loading
+        from rlhf.vision import load_image_processor
+
+        check_model_dir(path)
+        with loading(path, "image reward model"):
+            vlm = _quietly(AutoModelForImageTextToText.from_pretrained, path, dtype=getattr(torch, dtype))
+            weights = load_file(str(Path(path) / REWARD_HEAD_FILE))
+            tok = AutoTokenizer.from_pretrained(path)
+        if "weight" not in weights or weights["weight"].shape != (1, vlm.config.get_text_config().hidden_size):
+            raise UserError(f"{path}/{REWARD_HEAD_FILE}: not a score head of this model (need 'weight' of shape "
+                            f"(1, {vlm.config.get_text_config().hidden_size}))")
+        score = nn.Linear(weights["weight"].size(1), 1, bias="bias" in weights, dtype=vlm.dtype)
+        score.load_state_dict({k: v.to(vlm.dtype) for k, v in weights.items()})
+        image_inputs = ImageInputs.of(vlm, load_image_processor(path))
+        return cls(VisionLanguageClassifier(vlm, score), tok, "decoder", max_length=max_length,
+                   image_inputs=image_inputs)
+
     # -- scores -------------------------------------------------------------------------------------------------
 
+    def _trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+               pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder trunk's last hidden states (B, L, H); an image reward model's with each row's image."""
+        extra = {}
+        if self.image_inputs is not None:
+            if pixel_values is None:
+                raise ValueError("this image reward model needs pixel_values (an image with every sequence)")
+            extra["pixel_values"] = pixel_values.to(input_ids.device, self.hf.score.weight.dtype)
+        elif pixel_values is not None:
+            raise ValueError("this text-only reward model takes no pixel_values")
+        return self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False, **extra).last_hidden_state
+
+    def lm_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The tokens the auxiliary LM loss predicts: the real ones, an image's placeholder tokens left out (they
+        stand for image features, not text). Shape: (N, L)."""
+        if self.image_inputs is None:
+            return attention_mask
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_inputs.token)
+        return attention_mask * (input_ids != image_id)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, lm_rows: int = 0):
-        """Scores of a batch of sequences, padded on either side. Shape: (N, L) -> (N,).
+                token_type_ids: torch.Tensor | None = None, lm_rows: int = 0, pixel_values: torch.Tensor | None = None):
+        """Scores of a batch of sequences, padded on either side. Shape: (N, L) -> (N,). `pixel_values` (N, C, H, W):
+        each sequence's image, for an image reward model.
 
         With `lm_rows` = k > 0 (decoder only, for the auxiliary LM loss) it returns (scores, lm_logits, ids, mask):
         the next-token logits (k, L, V) of the first k rows from the same forward pass, with those rows' right-
-        aligned ids and mask (k, L) that the logits line up with.
+        aligned ids and mask (k, L) that the logits line up with (`lm_mask`: image tokens are not predicted).
         """
         input_ids, attention_mask, token_type_ids = right_align(input_ids, attention_mask, token_type_ids)
         if self.backbone == "encoder":
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             return self.hf(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.squeeze(-1).float()
-        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self._trunk(input_ids, attention_mask, pixel_values=pixel_values)
         last = attention_mask.sum(-1) - 1  # right-aligned: the last real token (the EOS)
         h = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
         scores = self.hf.score(h).squeeze(-1).float()
@@ -186,38 +323,59 @@ class RewardModel(nn.Module):
             return scores
         if self.lm_head is None:
             raise RuntimeError("this reward model has no LM head: build it with with_lm_head=True")
-        return scores, self.lm_head(hidden[:lm_rows]), input_ids[:lm_rows], attention_mask[:lm_rows]
+        return (scores, self.lm_head(hidden[:lm_rows]), input_ids[:lm_rows],
+                self.lm_mask(input_ids[:lm_rows], attention_mask[:lm_rows]))
 
     def token_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """The score head read at every position, not only the last (decoder only). Shape: (B, L) -> (B, L).
 
         Position i holds the score of the prefix ending at token i; at a sequence's EOS it is the reward `forward`
         returns. This is what a PPO critic initialised from the reward model starts from (Ouyang et al. 2022;
         Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"): the values of every prefix. Padding
         may be on either side when `position_ids` count from 0 at each row's first real token
-        (`rlhf.ops.position_ids_from_mask`); without them the rows must be right-padded.
+        (`rlhf.ops.position_ids_from_mask`); without them the rows must be right-padded. `pixel_values`: each
+        row's image, for an image reward model.
         """
         if self.backbone != "decoder":
             raise UserError("per-token scores need a decoder reward model (an encoder scores only its [CLS] token)")
-        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
+        hidden = self._trunk(input_ids, attention_mask, position_ids, pixel_values)
         return self.hf.score(hidden).squeeze(-1).float()
 
-    def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Encoded]:
-        """Token ids of each (prompt, completion) as the model reads them."""
-        return [encode_response(self.tokenizer, self.backbone, p, c, self.max_length)[0]
-                for p, c in zip(prompts, completions)]
+    def encode(self, prompts: Sequence[str], completions: Sequence[str], images: Sequence | None = None) -> list[Encoded]:
+        """Token ids of each (prompt, completion) as the model reads them; `images`: each row's image (PIL), for an
+        image reward model (its placeholder expanded to the image tokens either way)."""
+        images = images if images is not None else [None] * len(prompts)
+        return [encode_response(self.tokenizer, self.backbone, p, c, self.max_length, self.image_inputs, im)[0]
+                for p, c, im in zip(prompts, completions, images)]
+
+    def _check_images(self, images, n: int):
+        """`images` as `score` takes them: None for a text-only model; for an image model one PIL image (or a
+        one-image list) per row, or pixel values (n, C, H, W) already processed. Returns a list or a tensor."""
+        if self.image_inputs is None:
+            if images is not None and len(images):
+                raise UserError("this reward model is text-only (no vision tower): it takes no images")
+            return None
+        if images is None:
+            raise UserError("this reward model is a vision-language model: it needs the image of every prompt")
+        if len(images) != n:
+            raise ValueError(f"{len(images)} images for {n} completions")
+        if isinstance(images, torch.Tensor):
+            return images
+        return [im[0] if isinstance(im, (list, tuple)) else im for im in images]
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 32,
+              images: Sequence | torch.Tensor | None = None) -> torch.Tensor:
         """Raw scores of completions, without grad and in eval mode (dropout off). Shape: (N,) on CPU, float32.
+        `images` (an image reward model): each row's image as PIL, or their pixel values (N, C, H, W).
 
         Sequences are batched in length order so each batch carries little padding.
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        encoded = self.encode(prompts, completions)
+        images = self._check_images(images, len(prompts))
+        encoded = self.encode(prompts, completions, images if isinstance(images, list) else None)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         out = torch.empty(len(encoded), dtype=torch.float32)
         was_training = self.training
@@ -225,8 +383,12 @@ class RewardModel(nn.Module):
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = {k: v.to(self.device) for k, v in pad_right([encoded[i] for i in idx], self.tokenizer.pad_token_id).items()}
-                out[idx] = self(**batch).cpu()
+                rows = [encoded[i] for i in idx]
+                if isinstance(images, torch.Tensor):
+                    batch = {**pad_right(rows, self.tokenizer.pad_token_id), "pixel_values": images[idx]}
+                else:
+                    batch = pad_right(rows, self.tokenizer.pad_token_id, self.image_inputs)
+                out[idx] = self(**{k: v.to(self.device) for k, v in batch.items()}).cpu()
         finally:
             self.train(was_training)
         return out
@@ -262,17 +424,38 @@ class RewardModel(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write HF files (LoRA merged into the weights) plus the tokenizer: loadable by plain
-        `AutoModelForSequenceClassification.from_pretrained(path)`. With LoRA, also the unmerged adapter in
-        `adapter/` (see `_save_adapter`)."""
+        `AutoModelForSequenceClassification.from_pretrained(path)`; an image reward model as its vision-language
+        model's directory plus `REWARD_HEAD_FILE` and the processor (the module docstring's layout). With LoRA,
+        also the unmerged adapter in `adapter/` (see `_save_adapter`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(self._peft).merge_and_unload() if self._peft is not None else self.hf
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        model.config.architectures = [type(model).__name__]
-        model.save_pretrained(str(path))
+        if self.image_inputs is not None:
+            self._save_vision(path, model)
+        else:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+            model.config.architectures = [type(model).__name__]
+            model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
+        if self.image_inputs is not None:
+            from rlhf.vision import save_processor
+
+            save_processor(path, self.tokenizer, self.image_inputs, model.config)
         if self._peft is not None:
             self._save_adapter(path / ADAPTER_DIR)
+
+    def _save_vision(self, path: Path, model: VisionLanguageClassifier) -> None:
+        """The vision-language model whole (its trunk is `model`'s, LoRA merged) and the score head beside it."""
+        from safetensors.torch import save_file
+
+        vlm = model.vlm
+        if vlm.model is not model.model:
+            raise RuntimeError("the image reward model's trunk is not its vision-language model's")
+        vlm.config.pad_token_id = self.tokenizer.pad_token_id
+        vlm.config.architectures = [type(vlm).__name__]
+        vlm.save_pretrained(str(path))
+        save_file({k: v.detach().contiguous() for k, v in model.score.state_dict().items()},
+                  str(path / REWARD_HEAD_FILE))
 
     def _save_adapter(self, path: Path) -> None:
         """The unmerged LoRA adapter and score head (peft format), its base recorded as an absolute path: a LoRA

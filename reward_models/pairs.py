@@ -3,6 +3,9 @@
 As in InstructGPT (Ouyang et al. 2022, §3.5), K responses per prompt give C(K, 2) comparisons for K generations,
 and training scores each response once for all of its comparisons (`data.group_by_prompt`).
 
+Image prompts (a vision-language policy; the vision world's `image_add` / `image_review`) are sampled with their
+image, and each pair row carries it in `images` (TRL's vision preference format), as an absolute path.
+
 The annotators (`rlhf.world.SimulatedAnnotator`) apply the hidden gold scorer with Bradley-Terry noise — A wins with
 probability σ((gold_A − gold_B) / temperature) — and declare a tie with probability `tie_rate`. Because the labels
 are noisy, even the gold scorer does not rank every held-out pair "right": its accuracy on the noisy labels is the
@@ -28,6 +31,7 @@ from rlhf.config import Section
 from rlhf.data import Record, prompt_text
 from rlhf.errors import UserError
 from rlhf.tracking import progress
+from rlhf.vision import check_image_prompts, image_paths, images_for
 from reward_models.data import PreferencePair
 from reward_models.losses import pairwise_accuracy
 
@@ -62,9 +66,9 @@ def label_pair(annotator, row: Record, a: str, b: str, prompt: str | None = None
             "task": row["task"], "meta": row.get("meta") or {}}
 
 
-def sample_pairs(policy, prompts: list[Record], settings: PairSampling, seed: int) -> tuple[list[dict], list[str], list[str]]:
-    """Sample K responses per prompt and label every distinct pair of them. Returns (rows, sampled prompts,
-    sampled completions); the samples are every response drawn, for the reward statistics.
+def sample_pairs(policy, prompts: list[Record], settings: PairSampling, seed: int) -> tuple[list[dict], list[dict]]:
+    """Sample K responses per prompt and label every distinct pair of them. Returns (rows, samples): the samples are
+    every response drawn ({prompt, completion}, plus `images` for an image prompt), for the reward statistics.
 
     Prompts are visited in a seeded order, cycling if `num_prompts` exceeds them. Identical or empty responses make
     no pair (counted in one warning). Each annotator call is independent, so labels of one prompt's pairs need not
@@ -76,30 +80,36 @@ def sample_pairs(policy, prompts: list[Record], settings: PairSampling, seed: in
         prompts = [r for r in prompts if r.get("task") == settings.task]
         if not prompts:
             raise UserError(f"{settings.prompts}: no prompts of task '{settings.task}'")
+    check_image_prompts(prompts, policy.image_inputs, settings.policy or "the policy",
+                        prompt_of=lambda r: prompt_text(r, policy.tokenizer))
     annotator = SimulatedAnnotator(settings.annotator_temperature, settings.tie_rate, seed=seed)
     order = random.Random(seed).sample(range(len(prompts)), len(prompts))
     k = settings.samples_per_prompt
-    rows, all_prompts, all_completions, skipped = [], [], [], 0
+    rows, samples, skipped = [], [], 0
     starts = range(0, settings.num_prompts, settings.batch_size)
     for start in progress(starts, total=len(starts), desc="sampling pairs"):
         chunk = [prompts[order[i % len(order)]] for i in range(start, min(start + settings.batch_size, settings.num_prompts))]
         texts = [prompt_text(r, policy.tokenizer) for r in chunk]  # chat messages through the policy's template
         rollout = policy.generate(texts, n=k, max_new_tokens=settings.max_new_tokens,
-                                  temperature=settings.temperature, seed=seed + start)
-        all_prompts.extend(rollout.prompts)
-        all_completions.extend(rollout.completions)
+                                  temperature=settings.temperature, seed=seed + start,
+                                  images=images_for(chunk, policy.image_inputs))
+        paths = [image_paths(r) if policy.image_inputs is not None else [] for r in chunk]
+        for j, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions)):
+            samples.append({"prompt": prompt, "completion": completion,
+                            **({"images": paths[j // k]} if paths[j // k] else {})})
         for i, row in enumerate(chunk):
             responses = rollout.completions[i * k:(i + 1) * k]
             for a, b in itertools.combinations(responses, 2):
                 if a == b or not a.strip() or not b.strip():
                     skipped += 1
                 else:
-                    rows.append(label_pair(annotator, row, a, b, prompt=texts[i]))
+                    pair = label_pair(annotator, row, a, b, prompt=texts[i])
+                    rows.append({**pair, "images": paths[i]} if paths[i] else pair)
     if skipped:
         log.warning("skipped %d pair(s) of identical or empty responses", skipped)
     if not rows:
         raise UserError("the policy sampled no two different responses; raise data.sample.temperature")
-    return rows, all_prompts, all_completions
+    return rows, samples
 
 
 def noise_ceiling(pairs: list[PreferencePair]) -> float | None:

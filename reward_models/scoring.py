@@ -11,7 +11,8 @@ A reward is a weighted sum of components, each a learned reward model or a rule:
     total_i = Σ_k weight_k · component_k(prompt_i, completion_i, metadata_i)
 
 Reward models run in eval mode without grad, batched in length order; each component's mean is reported as
-`reward/<name>` for the caller to log.
+`reward/<name>` for the caller to log. An image reward model (a vision-language backbone) reads each prompt's image:
+from the prompt records (`metadata`, their `images` column) or from pixel values the caller passes (a rollout's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from rlhf.config import Section
 from rlhf.errors import UserError
+from rlhf.vision import record_images
 from reward_models.model import RewardModel
 from reward_models.rules import apply_rule, check_params, resolve_rule
 
@@ -106,13 +108,22 @@ class Scorer:
                 self.rules[c.name] = resolve_rule(c.rule)
                 check_params(c.name, c.rule, self.rules[c.name], c.params)
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether a reward model of this scorer reads the prompts' images."""
+        return any(rm.image_inputs is not None for rm in self.models.values())
+
     def score(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None,
-              ended: Sequence[bool] | torch.Tensor | None = None) -> Scores:
+              ended: Sequence[bool] | torch.Tensor | None = None, images: Sequence | torch.Tensor | None = None) -> Scores:
         """Score B completions. `metadata[i]` is row i's prompt record (task, meta...); `ended[i]` says whether the
-        completion stopped with EOS (rules see it as `metadata[i]["ended"]`). Returns `Scores` with (B,) tensors."""
+        completion stopped with EOS (rules see it as `metadata[i]["ended"]`). `images` (image reward models): row
+        i's image, PIL or pixel values (B, C, H, W); by default each record's own (`rlhf.vision.record_images`).
+        Returns `Scores` with (B,) tensors."""
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts but {n} completions")
+        if images is None and self.needs_images and metadata is not None:
+            images = _record_images(metadata)
         metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in range(n)]
         if len(metadata) != n:
             raise ValueError(f"{len(metadata)} metadata records but {n} completions")
@@ -124,7 +135,11 @@ class Scorer:
         for c in self.components:
             if c.name in self.models:
                 rm = self.models[c.name]
-                values = rm.score(prompts, completions, batch_size=c.batch_size)
+                if rm.image_inputs is not None and images is None:
+                    raise UserError(f"reward '{c.name}': {c.model} is an image reward model; score prompts that "
+                                    "carry their images")
+                values = rm.score(prompts, completions, batch_size=c.batch_size,
+                                  images=images if rm.image_inputs is not None else None)
                 values = rm.normalize(values) if c.normalize else values
             else:
                 values = torch.tensor(apply_rule(c.name, self.rules[c.name], prompts, completions, metadata, c.params),
@@ -138,9 +153,25 @@ class Scorer:
 
     def score_rollout(self, rollout, records: Sequence[dict] | None = None) -> Scores:
         """Score a `rlhf.types.Rollout`. `records` are the input prompt records (one per prompt, as passed to
-        `generate`); row i gets `records[rollout.prompt_index[i]]`, plus whether it ended with EOS."""
+        `generate`); row i gets `records[rollout.prompt_index[i]]`, plus whether it ended with EOS.
+
+        An image reward model reads each prompt's image through its own image processor from the records' images;
+        without records, the rollout's `pixel_values` (the policy's processing, which must then be the model's)."""
         metadata = [records[i] for i in rollout.prompt_index.tolist()] if records is not None else None
-        return self.score(rollout.prompts, rollout.completions, metadata, ended=rollout.ended)
+        images = None
+        if self.needs_images:
+            images = _record_images(metadata) if metadata is not None else None
+            if images is None and rollout.pixel_values is not None:
+                images = rollout.pixel_values.cpu()
+        return self.score(rollout.prompts, rollout.completions, metadata, ended=rollout.ended, images=images)
+
+
+def _record_images(records: Sequence[dict]) -> list | None:
+    """Each record's one image (PIL), or None when the records carry none (the caller's error to name)."""
+    images = [record_images(r) for r in records]
+    if not all(images):
+        return None
+    return [found[0] for found in images]
 
 
 def _weighted(component: RewardComponent, values: torch.Tensor) -> torch.Tensor:

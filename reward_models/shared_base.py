@@ -38,16 +38,17 @@ class SharedBaseClassifier(nn.Module):
         return self._trunk
 
     @torch.no_grad()
-    def _trunk(self, input_ids, attention_mask, position_ids=None, use_cache=False):
+    def _trunk(self, input_ids, attention_mask, position_ids=None, use_cache=False, pixel_values=None):
         from types import SimpleNamespace
 
         policy = self._policy[0]
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values}  # an image reward model's images
         was_training = policy.model.training
         policy.model.eval()
         try:
             with policy.using_adapter(self.adapter):
                 out = policy.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   logits_to_keep=1, output_hidden_states=True, use_cache=False)
+                                   logits_to_keep=1, output_hidden_states=True, use_cache=False, **extra)
         finally:
             policy.model.train(was_training)
         return SimpleNamespace(last_hidden_state=out.hidden_states[-1])

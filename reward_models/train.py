@@ -6,6 +6,11 @@ L_BT is the Bradley-Terry loss with optional per-pair margins and ties (`reward_
 keeps scores near 0; L_LM (decoder backbones only) is the next-token loss on the chosen sequence, GPT-1's
 L_total = L_2 + λ·L_1 auxiliary objective (Radford et al. 2018, eq. 3).
 
+On a vision-language backbone (an SFT policy trained on image prompts) the reward model is image-conditioned: the
+pairs carry their image (`images`, TRL's vision preference format), sampled pairs are drawn for image prompts with
+their image, and every score (training, held-out, statistics) reads the prompt's image; the loss and the metrics are
+the same code.
+
 Steps: 1 accelerator and seed → 2 reward model → 3 preference pairs (loaded, or sampled from the SFT policy and
 labelled by simulated annotators) → 4 held-out split and tokenization → 5 optimizer → 6 resume → 7 train loop
 (log / eval / checkpoint) → 8 held-out evaluation (accuracy, margin, ECE, histogram, noise ceiling) → 9 score
@@ -14,7 +19,6 @@ statistics on SFT-policy samples → 10 save.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Literal
 
@@ -22,7 +26,7 @@ import torch
 from pydantic import Field
 
 from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
-from rlhf.data import Record, load_prompts, prompt_text
+from rlhf.data import Record, load_prompts, load_records, prompt_text
 from rlhf.distributed import check_engine, global_normalizer, make_accelerator, reduce_metrics, sync_unless_last
 from rlhf.errors import UserError
 from rlhf.losses import lm_loss
@@ -31,7 +35,10 @@ from rlhf.tracking import progress
 from rlhf.training import (
     end_of_step, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step, progress_axes, resume_state,
 )
-from reward_models.data import collate_pairs, group_by_prompt, load_preferences, split_by_prompt, tokenize_pairs
+from rlhf.vision import check_image_prompts, images_for, record_images
+from reward_models.data import (
+    check_pair_images, collate_pairs, group_by_prompt, load_preferences, split_by_prompt, tokenize_pairs,
+)
 from reward_models.evaluation import evaluate_pairs, plot_score_histogram
 from reward_models.losses import bradley_terry_loss
 from reward_models.model import RewardModel
@@ -125,11 +132,13 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         lora=cfg.model.lora, with_lm_head=cfg.loss.lm_coef > 0, max_length=cfg.model.max_length,
     )
     tokenizer = rm.tokenizer
+    images = rm.image_inputs  # a vision-language backbone: every pair carries its prompt's image
     n_trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
-    print(f"{ctx.name}: {rm.backbone} reward model, {n_trainable / 1e6:.2f}M trainable parameters")
+    print(f"{ctx.name}: {rm.backbone} reward model{' on images' if images else ''}, "
+          f"{n_trainable / 1e6:.2f}M trainable parameters")
 
     # 3. preference pairs: sampled from the policy and labelled (demo), or read from a file --------------------
-    samples: tuple[list[str], list[str]] | None = None
+    samples: list[Record] | None = None
     train_source = cfg.data.train
     if train_source is None:
         if cfg.data.sample is None:
@@ -137,8 +146,10 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         samples = _sampled_pairs(cfg.data.sample, ctx, cfg.seed, accelerator)
         train_source = str(ctx.dir / PAIRS_FILE)
     pairs = load_preferences(train_source, tokenizer)
+    check_pair_images(pairs, images, cfg.model.path)
     if cfg.data.eval is not None:
         eval_pairs = load_preferences(cfg.data.eval, tokenizer)
+        check_pair_images(eval_pairs, images, cfg.model.path)
     else:  # hold out whole prompts: pairs of one prompt may share responses
         pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, cfg.seed, source=train_source)
     if not cfg.loss.use_margin:
@@ -147,8 +158,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 
     # 4. tokenization: chosen and rejected of a micro-batch go through the model as one (2B, L) batch -----------
     # truncation keeps the end of each prompt and whole responses where they fit; what it cut is reported apart
-    train_set, cut = tokenize_pairs(pairs, tokenizer, rm.backbone, cfg.model.max_length)
-    _, eval_cut = tokenize_pairs(eval_pairs, tokenizer, rm.backbone, cfg.model.max_length)  # scored the same way
+    train_set, cut = tokenize_pairs(pairs, tokenizer, rm.backbone, cfg.model.max_length, images)
+    _, eval_cut = tokenize_pairs(eval_pairs, tokenizer, rm.backbone, cfg.model.max_length, images)  # scored the same way
     data_metrics = {**cut.metrics("data/"), **eval_cut.metrics("data/eval_")}
     # the unit of a batch: one pair, or every pair of one prompt
     units = group_by_prompt(pairs) if cfg.data.group_by_prompt else [[i] for i in range(len(pairs))]
@@ -167,7 +178,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     def batch_for(micro_index: int) -> dict[str, torch.Tensor]:
         idx = micro_batch_indices(len(units), cfg.train.batch_size, micro_index, cfg.seed,
                                   accelerator.process_index, accelerator.num_processes)
-        batch = collate_pairs([train_set[i] for u in idx for i in units[u]], tokenizer.pad_token_id)
+        batch = collate_pairs([train_set[i] for u in idx for i in units[u]], tokenizer.pad_token_id, images)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     def evaluate(final: bool = False) -> dict[str, float]:
@@ -190,12 +201,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         # global denominators (all micro-batches and processes): pairs for the BT loss, chosen tokens for the LM
         # loss, so accumulation equals one big batch even when micro-batches hold different numbers of pairs
         pair_normalizer = global_normalizer(accelerator, sum(float(len(b["label"])) for b in micro)).item()
-        lm_normalizer = global_normalizer(accelerator, sum(b["attention_mask"][: int(b["lm_rows"])].sum() for b in micro))
+        lm_normalizer = global_normalizer(accelerator, sum(
+            rm.lm_mask(b["input_ids"], b["attention_mask"])[: int(b["lm_rows"])].sum() for b in micro))
         totals: dict[str, float] = {}
         for i, batch in enumerate(micro):
             share = len(batch["label"]) / pair_normalizer  # this micro-batch's part of the mean over pairs
             with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+                          if k in batch}
                 out = model(**inputs, lm_rows=int(batch["lm_rows"]) if cfg.loss.lm_coef > 0 else 0)
                 scores = out[0] if isinstance(out, tuple) else out
                 loss, stats = bradley_terry_loss(scores[batch["chosen_index"]], scores[batch["rejected_index"]],
@@ -223,8 +236,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     metrics = {**reduce_metrics(accelerator, metrics), **evaluate(final=True)}
 
     # 9. score statistics on samples of the SFT policy (PPO / GRPO normalize rewards with them) -------------------
-    stat_prompts, stat_completions, source = _stats_samples(cfg, pairs, samples, ctx)
-    stats = rm.set_stats(rm.score(stat_prompts, stat_completions, cfg.eval.batch_size), source)
+    stat_prompts, stat_completions, stat_images, source = _stats_samples(cfg, pairs, samples, rm)
+    stats = rm.set_stats(rm.score(stat_prompts, stat_completions, cfg.eval.batch_size, images=stat_images), source)
     metrics.update({"eval/sft_score_mean": stats["mean"], "eval/sft_score_std": stats["std"]})
     metrics.update(data_metrics)
     metrics["perf/stage_seconds"] = time.monotonic() - started
@@ -237,9 +250,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-def _sampled_pairs(settings: PairSampling, ctx: StageContext, seed: int, accelerator) -> tuple[list[str], list[str]]:
+def _sampled_pairs(settings: PairSampling, ctx: StageContext, seed: int, accelerator) -> list[Record]:
     """Sample and label the demo pairs into the stage directory (once, on the main process; reused on resume).
-    Returns the SFT samples (prompts, completions) the pairs were drawn from."""
+    Returns the SFT samples the pairs were drawn from: records of prompt, completion (and images)."""
     pairs_path, samples_path = ctx.dir / PAIRS_FILE, ctx.dir / SAMPLES_FILE
     if accelerator.is_main_process and not (pairs_path.is_file() and samples_path.is_file()):
         from rlhf.policy import PolicyModel
@@ -247,33 +260,42 @@ def _sampled_pairs(settings: PairSampling, ctx: StageContext, seed: int, acceler
         if settings.policy is None:
             raise UserError("config key 'data.sample.policy' is required to sample pairs (the SFT stage output)")
         policy = PolicyModel.from_pretrained(settings.policy).to(accelerator.device)
-        rows, prompts, completions = sample_pairs(policy, load_prompts(settings.prompts), settings, seed)
+        rows, samples = sample_pairs(policy, load_prompts(settings.prompts), settings, seed)
         write_jsonl(rows, pairs_path)
-        write_jsonl([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], samples_path)
+        write_jsonl(samples, samples_path)
         del policy
     accelerator.wait_for_everyone()
-    rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line]
-    return [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    return load_records(samples_path)
 
 
-def _stats_samples(cfg: Config, pairs, samples, ctx: StageContext) -> tuple[list[str], list[str], str]:
-    """(prompts, completions, description) to measure the score statistics on: a policy's fresh samples, the SFT
-    samples the pairs were drawn from, or else the responses of the training pairs."""
+def _stats_samples(cfg: Config, pairs, samples: list[Record] | None,
+                   rm: RewardModel) -> tuple[list[str], list[str], list | None, str]:
+    """(prompts, completions, images, description) to measure the score statistics on: a policy's fresh samples, the
+    SFT samples the pairs were drawn from, or else the responses of the training pairs. `images`: each row's image
+    for an image reward model (None for a text one)."""
     n = cfg.stats.num_samples
+    with_images = rm.image_inputs is not None
     if cfg.stats.policy is not None:
         from rlhf.policy import PolicyModel
 
         policy = PolicyModel.from_pretrained(cfg.stats.policy)
         records: list[Record] = load_prompts(cfg.stats.prompts)
-        prompts = [prompt_text(records[i % len(records)], policy.tokenizer) for i in range(n)]
+        check_image_prompts(records, policy.image_inputs, cfg.stats.policy,
+                            prompt_of=lambda r: prompt_text(r, policy.tokenizer))
+        rows = [records[i % len(records)] for i in range(n)]
+        prompts = [prompt_text(r, policy.tokenizer) for r in rows]
         completions = []
         for start in range(0, n, cfg.eval.batch_size):
             rollout = policy.generate(prompts[start:start + cfg.eval.batch_size],
-                                      max_new_tokens=cfg.stats.max_new_tokens, seed=cfg.seed + start)
+                                      max_new_tokens=cfg.stats.max_new_tokens, seed=cfg.seed + start,
+                                      images=images_for(rows[start:start + cfg.eval.batch_size], policy.image_inputs))
             completions += rollout.completions
-        return prompts, completions, f"samples of {cfg.stats.policy}"
+        return prompts, completions, images_for(rows, rm.image_inputs), f"samples of {cfg.stats.policy}"
     if samples is not None:
-        return samples[0][:n], samples[1][:n], f"samples of {cfg.data.sample.policy}"
+        rows = samples[:n]
+        images = [record_images(r)[0] for r in rows] if with_images else None
+        return [r["prompt"] for r in rows], [r["completion"] for r in rows], images, f"samples of {cfg.data.sample.policy}"
     prompts = [p.prompt for p in pairs for _ in range(2)][:n]
     completions = [c for p in pairs for c in (p.chosen, p.rejected)][:n]
-    return prompts, completions, "responses of the training pairs"
+    images = [p.images[0] for p in pairs for _ in range(2)][:n] if with_images else None
+    return prompts, completions, images, "responses of the training pairs"

@@ -27,7 +27,7 @@ from rlhf.config import LoraSettings, ModelSettings, Section
 from rlhf.errors import UserError
 from rlhf.policy import VALUE_HEAD_FILE, PolicyModel
 from rlhf.types import Rollout
-from reward_models.model import RewardModel
+from reward_models.model import RewardModel, is_reward_model_dir
 from reward_models.scoring import RewardComponent
 
 CRITIC_DIR = "critic"  # the critic's files inside the stage directory
@@ -93,7 +93,8 @@ class ValueModel(nn.Module):
     """A critic of its own: a decoder reward model's trunk and score head, read before every response token.
 
     V_t = scale · score(prefix up to the token before y_t) + shift, so that a critic initialised from a reward model
-    starts on the scale the scorer gives that reward (`reward_scale`).
+    starts on the scale the scorer gives that reward (`reward_scale`). An image reward model reads each row's image
+    (the rollout's `pixel_values`).
     """
 
     def __init__(self, rm: RewardModel, scale: float = 1.0, shift: float = 0.0):
@@ -105,7 +106,8 @@ class ValueModel(nn.Module):
         """Values of the states before each response token. Shape: (B, T)."""
         inputs = rollout.model_inputs()
         t = rollout.response_ids.size(1)
-        scores = self.rm.token_scores(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+        scores = self.rm.token_scores(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                                      inputs.get("pixel_values"))
         return scores[:, -t - 1:-1] * self.scale + self.shift
 
     def save(self, path: str | Path) -> None:
@@ -156,7 +158,24 @@ def build_critic(settings: CriticSettings, policy: PolicyModel, rewards: list[Re
         return ValueHeadCritic()
     if settings.kind == "adapter":
         return AdapterCritic(_critic_adapter(settings, policy, rewards, model, shared).to(policy.device))
-    return SeparateCritic(_value_model(settings, rewards, model, policy.tokenizer).to(policy.device))
+    value = _value_model(settings, rewards, model, policy.tokenizer, policy.image_inputs)
+    return SeparateCritic(value.to(policy.device))
+
+
+def _check_critic_images(rm: RewardModel, policy_images, source: str | None) -> None:
+    """A separate critic reads the policy's rollouts, images included (their pixel values, as the policy's image
+    processor made them): an image critic needs an image policy with the same image processing, a text one a text
+    policy. `policy_images`: the policy's `image_inputs`."""
+    if (rm.image_inputs is None) != (policy_images is None):
+        what = "an image reward model" if rm.image_inputs is not None else "a text-only model"
+        raise UserError(f"critic from {source}: {what}, but the policy is "
+                        f"{'text-only' if policy_images is None else 'a vision-language model'}; use a critic "
+                        "of the policy's kind (critic.path) or critic.kind: value_head")
+    if rm.image_inputs is not None and (
+            rm.image_inputs.tokens_per_image != policy_images.tokens_per_image
+            or rm.image_inputs.processor.to_dict() != policy_images.processor.to_dict()):
+        raise UserError(f"critic from {source}: its image processor differs from the policy's, so it cannot read the "
+                        "policy's pixel values; use a critic built on the policy's vision tower")
 
 
 def reward_scale(component: RewardComponent | None, stats: dict | None, normalize: bool) -> tuple[float, float]:
@@ -171,8 +190,10 @@ def reward_scale(component: RewardComponent | None, stats: dict | None, normaliz
     return component.weight, 0.0
 
 
-def _value_model(settings: CriticSettings, rewards: list[RewardComponent], model: ModelSettings, tokenizer) -> ValueModel:
-    """The separate critic: from `critic.path`, else the first reward model component, else the policy's weights."""
+def _value_model(settings: CriticSettings, rewards: list[RewardComponent], model: ModelSettings, tokenizer,
+                 image_inputs=None) -> ValueModel:
+    """The separate critic: from `critic.path`, else the first reward model component, else the policy's weights.
+    `tokenizer`, `image_inputs`: the policy's, whose rollouts it reads."""
     component = next((c for c in rewards if c.model is not None), None)
     path = settings.path or (component.model if component is not None else model.path)
     if path is None:
@@ -189,6 +210,7 @@ def _value_model(settings: CriticSettings, rewards: list[RewardComponent], model
     if rm.backbone != "decoder":
         raise UserError(f"critic from {path}: an encoder cannot give per-token values; use a decoder reward model or "
                         "critic.kind: value_head")
+    _check_critic_images(rm, image_inputs, path)
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise UserError(f"critic from {path}: its tokenizer differs from the policy's, so it cannot read the policy's "
                         "tokens; set critic.path to a model with the policy's tokenizer, or use critic.kind: value_head")
@@ -196,7 +218,10 @@ def _value_model(settings: CriticSettings, rewards: list[RewardComponent], model
 
 
 def _is_reward_model(path: str) -> bool:
-    """A sequence-classification checkpoint with one label (the reward stage's output), not a causal LM."""
+    """A sequence-classification checkpoint with one label (the reward stage's output), or an image reward model
+    (a vision-language model with its score head), not a causal LM."""
+    if is_reward_model_dir(path):
+        return True
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False

@@ -74,6 +74,26 @@ def record_images(record) -> list:
     return images
 
 
+def image_paths(record) -> list[str]:
+    """A record's image files as absolute paths (relative ones resolved against its file's directory, as
+    `record_images` reads them), for writing the record's images into another file. In-memory images have no path:
+    an error naming the record."""
+    name = next((n for n in IMAGE_FIELDS if record.get(n) not in (None, [])), None)
+    if name is None:
+        return []
+    items = record[name] if isinstance(record[name], list) else [record[name]]
+    out = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            item = item["path"]
+        if not isinstance(item, str) or not item:
+            raise UserError(f"{getattr(record, 'origin', '?')}: field '{name}': an image without a file path cannot "
+                            "be written out")
+        path = Path(item).expanduser()
+        out.append(str((path if path.is_absolute() else _record_dir(record) / path).resolve()))
+    return out
+
+
 def message_text(content: Any) -> str:
     """A chat message's content as text: TRL's typed parts ({"type": "text", "text": ...}, {"type": "image"}) joined,
     each image part as `IMAGE_TOKEN`; plain strings unchanged."""
