@@ -12,9 +12,11 @@ adapters disabled under LoRA, a frozen copy otherwise (or `model.ref_path`); its
 for every pair (`precompute_ref`), after which no reference weights are kept.
 
 The data is what the reward stage reads (`reward_models.data.load_preferences`: TRL's preference formats, the
-collection app's export, the demo's sampled pairs). DPO has no loss for a tie: ties are refused or dropped
-(`data.ties`). A pair's `margin` is ignored unless `data.margins: offset` makes it ODPO's per-pair offset. The
-held-out split is the reward stage's (whole prompts, same seed and fraction), so held-out accuracies compare.
+collection app's export, the demo's sampled pairs). A vision-language policy takes pairs about an image (`images`,
+TRL's vision preference format): both rows of a pair read the pair's image, and so does the reference. DPO has no
+loss for a tie: ties are refused or dropped (`data.ties`). A pair's `margin` is ignored unless `data.margins: offset`
+makes it ODPO's per-pair offset. The held-out split is the reward stage's (whole prompts, same seed and fraction), so
+held-out accuracies compare.
 
 Steps: 1 accelerator → 2 policy (+ LoRA) and its reference → 3 pairs: ties, margins, held-out split, tokens →
 4 reference log-probs, precomputed once (optional) → 5 optimizer → 6 resume → 7 loop: one (2B) forward of chosen and
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -46,8 +48,9 @@ from rlhf.training import (
     resume_state,
 )
 from rlhf.types import Rollout
+from rlhf.vision import check_image_prompts
 from rlhf.world import gold_score_fn, gold_task_records
-from reward_models.data import PreferencePair, load_preferences, split_by_prompt
+from reward_models.data import PreferencePair, check_pair_images, load_preferences, split_by_prompt
 
 REF_LOGPS_FILE = "ref_logps.pt"  # precomputed reference log-probs, (N, 2) per split, kept in the stage directory
 
@@ -111,12 +114,14 @@ class Config(StageConfig):
 
 @dataclass
 class PairTokens:
-    """One tokenized pair: prompt ids (with BOS) and the two responses (EOS appended unless cut)."""
+    """One tokenized pair: prompt ids (with BOS) and the two responses (EOS appended unless cut); for a
+    vision-language policy the prompt's image (PIL), which both responses are conditioned on."""
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
     margin: float
+    image: Any = None
 
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
@@ -133,11 +138,12 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 2. policy; with LoRA the reference is the same weights with adapters disabled, else a frozen copy ------------
     policy = PolicyModel.load(cfg.model, with_reference=True, seed=cfg.seed)
     tokenizer = policy.tokenizer
+    images = policy.image_inputs  # a vision-language policy: every pair carries its prompt's image
 
     # 3. pairs: ties, margins, the held-out split by prompt, tokens -------------------------------------------------
-    pairs, eval_pairs, data_metrics = _pairs(cfg, tokenizer)
-    train_set, cut = tokenize_pairs(pairs, tokenizer, cfg.data.max_length)
-    eval_set, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.data.max_length)
+    pairs, eval_pairs, data_metrics = _pairs(cfg, tokenizer, images)
+    train_set, cut = tokenize_pairs(pairs, tokenizer, cfg.data.max_length, images)
+    eval_set, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.data.max_length, images)
     if cfg.eval.pairs_limit is not None and len(eval_set) > cfg.eval.pairs_limit:  # a random subset: many prompts
         keep = torch.randperm(len(eval_set), generator=torch.Generator().manual_seed(cfg.seed + 2))[: cfg.eval.pairs_limit]
         eval_set = [eval_set[i] for i in sorted(keep.tolist())]
@@ -151,7 +157,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     for r in gold_prompts:
         r["prompt"] = prompt_text(r, tokenizer)
     gold_prompts = gold_task_records(gold_prompts)  # the gold judge scores prompts of the demo world's tasks
+    check_image_prompts(gold_prompts, images, cfg.model.path or "the policy")
     pad = tokenizer.pad_token_id
+    pixel_dtype = next(policy.model.parameters()).dtype
 
     # 4. optimizer and schedule, prepared by accelerate; the reference copy runs under the policy's precision --------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
@@ -198,7 +206,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         for m in range(cfg.train.grad_accum):
             idx = micro_batch_indices(len(train_set), cfg.train.batch_size, step * cfg.train.grad_accum + m, cfg.seed,
                                       accelerator.process_index, accelerator.num_processes)
-            micro.append((idx, pair_rollout([train_set[i] for i in idx], pad).to(accelerator.device)))
+            rollout = pair_rollout([train_set[i] for i in idx], pad, images, pixel_dtype)
+            micro.append((idx, rollout.to(accelerator.device)))
         # global denominators over every micro-batch (and process): pairs for the preference loss, chosen tokens for
         # the SFT term, so that accumulation equals one big batch
         n = accelerator.num_processes
@@ -240,11 +249,16 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
 # Pairs -> tokens -> a (2B) rollout: chosen rows first, then rejected
 
 
-def _pairs(cfg: Config, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, float]]:
-    """Training and held-out pairs, after the tie and margin policies. Returns (train, eval, data metrics)."""
+def _pairs(cfg: Config, tokenizer,
+           image_inputs=None) -> tuple[list[PreferencePair], list[PreferencePair], dict[str, float]]:
+    """Training and held-out pairs, after the tie and margin policies, each checked against the policy's image
+    interface (`check_pair_images`). Returns (train, eval, data metrics)."""
+    model_name = cfg.model.path or "the policy"
     pairs = load_preferences(cfg.data.train, tokenizer)
+    check_pair_images(pairs, image_inputs, model_name)
     if cfg.data.eval is not None:
         eval_pairs = load_preferences(cfg.data.eval, tokenizer)
+        check_pair_images(eval_pairs, image_inputs, model_name)
     else:  # the reward stage's split: whole prompts (pairs of one prompt share responses), same permutation
         pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, cfg.seed, source=cfg.data.train)
     ties = [p for p in pairs + eval_pairs if p.tie]
@@ -266,13 +280,18 @@ def _pairs(cfg: Config, tokenizer) -> tuple[list[PreferencePair], list[Preferenc
     return pairs, eval_pairs, metrics
 
 
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int) -> tuple[list[PairTokens], dict[str, float]]:
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int,
+                   image_inputs=None) -> tuple[list[PairTokens], dict[str, float]]:
     """Token ids of every pair, as the policy generates them: the prompt with BOS (`encode_prompt`, as SFT), each
     response without special tokens plus EOS (unless a chat template wrote one). A response that does not fit
     max_length with its prompt is cut on the right (losing its EOS); a pair whose prompt alone fills max_length is
-    dropped (TRL drops those too). Each distinct text is tokenized once. Returns (pairs, counts)."""
+    dropped (TRL drops those too). Each distinct text is tokenized once. Returns (pairs, counts).
+
+    `image_inputs` (a vision-language policy): the prompt's image placeholder becomes the image tokens (they count
+    in max_length, and are never cut: only responses are) and the pair keeps its image."""
     eos = tokenizer.eos_token_id
-    prompts = {t: encode_prompt(t, tokenizer) for t in {p.prompt for p in pairs}}
+    expand = image_inputs.expand if image_inputs is not None else (lambda text: text)
+    prompts = {t: encode_prompt(expand(t), tokenizer) for t in {p.prompt for p in pairs}}
     texts = sorted({t for p in pairs for t in (p.chosen, p.rejected)})
     ids = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
     responses = {t: r if r and r[-1] == eos else r + [eos] for t, r in zip(texts, ids)}
@@ -285,13 +304,16 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, max_length: int) -> t
             continue
         chosen, rejected = responses[p.chosen][:room], responses[p.rejected][:room]
         cut += (len(chosen) < len(responses[p.chosen])) + (len(rejected) < len(responses[p.rejected]))
-        out.append(PairTokens(prompt, chosen, rejected, p.margin))
+        out.append(PairTokens(prompt, chosen, rejected, p.margin, p.images[0] if image_inputs is not None else None))
     return out, {"data/overlong_prompts_dropped": float(dropped), "data/responses_cut": float(cut)}
 
 
-def pair_rollout(batch: list[PairTokens], pad_token_id: int) -> Rollout:
+def pair_rollout(batch: list[PairTokens], pad_token_id: int, image_inputs=None,
+                 pixel_dtype: torch.dtype = torch.float32) -> Rollout:
     """The pairs of a batch as one Rollout of 2B rows, [chosen..., rejected...]: prompts left-padded, responses
-    right-padded, `response_mask` True on every response token (EOS included). `prompt_index` names the pair."""
+    right-padded, `response_mask` True on every response token (EOS included). `prompt_index` names the pair.
+    `image_inputs` (a vision-language policy): `pixel_values` (2B, C, H, W) in `pixel_dtype`, pair i's image on
+    rows i and B + i."""
     b = len(batch)
     prompts = [p.prompt for p in batch] * 2
     responses = [p.chosen for p in batch] + [p.rejected for p in batch]
@@ -306,9 +328,12 @@ def pair_rollout(batch: list[PairTokens], pad_token_id: int) -> Rollout:
         response_ids[i, : len(r)] = torch.tensor(r)
         response_mask[i, : len(r)] = True
     lengths = response_mask.sum(-1)
+    pixel_values = None
+    if image_inputs is not None:
+        pixel_values = image_inputs.pixel_values([p.image for p in batch]).to(pixel_dtype).repeat(2, 1, 1, 1)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
                    response_mask=response_mask, ended=torch.ones(2 * b, dtype=torch.bool), lengths=lengths,
-                   prompt_index=torch.arange(b).repeat(2))
+                   prompt_index=torch.arange(b).repeat(2), pixel_values=pixel_values)
 
 
 def sequence_logps(policy: PolicyModel, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,7 +373,8 @@ def evaluate_pairs(policy: PolicyModel, eval_set: list[PairTokens], cfg: Config,
     totals: dict[str, float] = {}
     for start in range(0, len(eval_set), cfg.eval.batch_size):
         batch = eval_set[start:start + cfg.eval.batch_size]
-        rollout = pair_rollout(batch, policy.tokenizer.pad_token_id).to(device)
+        rollout = pair_rollout(batch, policy.tokenizer.pad_token_id, policy.image_inputs,
+                               next(policy.model.parameters()).dtype).to(device)
         b = len(batch)
         logps, _ = sequence_logps(policy, rollout)
         ref = reference_for("eval", list(range(start, start + b)), rollout)
@@ -374,12 +400,14 @@ def _precomputed_reference(policy: PolicyModel, splits: dict[str, list[PairToken
             return saved
     out = {}
     pad = policy.tokenizer.pad_token_id
+    pixel_dtype = next(policy.model.parameters()).dtype
     was_training = policy.model.training
     policy.model.eval()
     with policy.reference() as reference:
         for name, rows in splits.items():
             def batch_logps(start: int, rows=rows) -> torch.Tensor:  # (batch, 2) [chosen, rejected]
-                rollout = pair_rollout(rows[start:start + cfg.eval.batch_size], pad).to(accelerator.device)
+                rollout = pair_rollout(rows[start:start + cfg.eval.batch_size], pad, policy.image_inputs,
+                                       pixel_dtype).to(accelerator.device)
                 with accelerator.autocast():
                     logps = sequence_logps(reference, rollout)[0].float()
                 return torch.stack(logps.cpu().chunk(2), dim=1)
