@@ -28,7 +28,8 @@ from rlhf.collect.storage import Store, assignments, decode_pair, open_regular_p
 
 @dataclass(frozen=True)
 class Assignment:
-    """A pair as one annotator sees it: `left`/`right` are the responses in display order."""
+    """A pair as one annotator sees it: `left`/`right` are the responses in display order; `images` how many images
+    the prompt shows (served by `/image/<id>`; their paths stay on the server)."""
 
     id: str
     pair_id: int
@@ -36,6 +37,7 @@ class Assignment:
     left: str
     right: str
     is_gold: bool
+    images: int = 0
 
 
 def _not_seen_by(annotator_id):
@@ -73,7 +75,7 @@ def _regular_query(active: bool):
 
 
 _REGULAR = {False: _regular_query(False), True: _regular_query(True)}
-_VIEW = select(pairs.c.prompt, pairs.c.response_a, pairs.c.response_b, pairs.c.gold_label).where(
+_VIEW = select(pairs.c.prompt, pairs.c.response_a, pairs.c.response_b, pairs.c.gold_label, pairs.c.images).where(
     pairs.c.id == bindparam("pair_id")
 )
 
@@ -127,4 +129,5 @@ class Assigner:
             left=a if left == "a" else b,
             right=b if left == "a" else a,
             is_gold=row["gold_label"] is not None,
+            images=len(row["images"]),
         )

@@ -8,7 +8,9 @@ One row per pair, aggregating its judgments:
   preference; this project's reward stage trains ties with label 1/2).
 Columns: prompt, chosen, rejected (strings, or chat turns when the prompt is a conversation), margin, tie, and the
 metadata pair_id, n_judgments, agreement, both_bad, is_gold, source_chosen, source_rejected, task, meta (a dict;
-Arrow gives every row the union of keys, missing ones null), annotators, guidelines_versions.
+Arrow gives every row the union of keys, missing ones null), annotators, guidelines_versions. When any pair's prompt
+has an image, `images` too: the image files (absolute paths; [] for a text pair), so the export is TRL's vision
+preference format (prompt / chosen / rejected / images) and this project's reward stage and DPO read the images.
 Pairs with a blank response are left out (this project's reward stage and TRL refuse them).
 """
 
@@ -73,7 +75,11 @@ def preference_rows(rows: list[dict], settings: ExportSettings) -> list[dict]:
             "meta": first["meta"],  # a dict: the reward stage scores held-out pairs with the world's gold scorer
             "annotators": sorted(r["annotator"] for r in group),
             "guidelines_versions": sorted({r["guidelines_version"] for r in group}),
+            "images": first.get("images") or [],
         })
+    if not any(r["images"] for r in out):  # a text-only export keeps its columns as they always were
+        for r in out:
+            del r["images"]
     return out
 
 

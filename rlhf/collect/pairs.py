@@ -6,6 +6,9 @@ A *pair source* is anything with `next_batch() -> list[NewPair]` (an empty list 
 - `FilePairSource` serves a jsonl of ready pairs (tests, or pairs generated elsewhere).
 `PairFeeder` asks its source for more whenever fewer than `ready_ahead` pairs have open judgment slots, marks gold
 items and scores reward-model uncertainty on the way in, so annotators never wait on a model call.
+
+Image prompts (TRL's `images` column, paths relative to the record's file) are sampled with their image by a
+vision-language policy, and a pair stores its prompt's image files as absolute paths; the judging page shows them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from rlhf.errors import UserError
 
 log = logging.getLogger(__name__)
 
-Scorer = Callable[[list, list[str]], list[float]]  # (prompts, completions) -> reward scores
+# (prompts, completions, each prompt's image files or None) -> reward scores
+Scorer = Callable[[list, list[str], list | None], list[float]]
 
 
 class PairSource(Protocol):
@@ -33,7 +37,7 @@ class PairSource(Protocol):
 
 class FilePairSource:
     """Pairs read from a jsonl file: `prompt`, `response_a`, `response_b`, optional `source_a`, `source_b`,
-    `task`, `meta`. Served in file order, `batch_size` at a time."""
+    `task`, `meta`, `images`. Served in file order, `batch_size` at a time."""
 
     def __init__(self, path: str | Path, batch_size: int = 64):
         self.pairs = read_pair_file(path)
@@ -45,6 +49,15 @@ class FilePairSource:
         batch = self.pairs[self._next : self._next + self.batch_size]
         self._next += len(batch)
         return batch
+
+
+def pair_images(record) -> list[str] | None:
+    """A record's image files as absolute paths (opened once, so a missing or unreadable one is an error naming the
+    record and field now, not a broken image on the page), or None for a text prompt."""
+    from rlhf.vision import image_paths, record_images
+
+    record_images(record)
+    return image_paths(record) or None
 
 
 def read_pair_file(path: str | Path) -> list[NewPair]:
@@ -62,6 +75,7 @@ def read_pair_file(path: str | Path) -> list[NewPair]:
             source_b=str(rec.get("source_b") or "file"),
             task=rec.get("task"),
             meta=rec.get("meta"),
+            images=pair_images(rec),
         ))
     return out
 
@@ -81,7 +95,8 @@ def read_gold_file(path: str | Path, seed: int = 0) -> list[NewPair]:
         chosen_first = rng.random() < 0.5
         a, b = (rec["chosen"], rec["rejected"]) if chosen_first else (rec["rejected"], rec["chosen"])
         out.append(NewPair(prompt=rec["prompt"], response_a=a, response_b=b, source_a="gold", source_b="gold",
-                           task=rec.get("task"), meta=rec.get("meta"), gold_label=1.0 if chosen_first else 0.0))
+                           task=rec.get("task"), meta=rec.get("meta"), gold_label=1.0 if chosen_first else 0.0,
+                           images=pair_images(rec)))
     return out
 
 
@@ -122,26 +137,32 @@ class PolicyPairSource:
         names = list(self.policies)
         if len(names) == 1:
             n = self.samples_per_prompt
-            out = self._sample(names[0], texts, n=n)
+            out = self._sample(names[0], texts, records, n=n)
             responses = [_all_pairs(out[n * i : n * (i + 1)]) for i in range(len(records))]
             sources = (names[0], names[0])
         else:
-            first, second = self._sample(names[0], texts, n=1), self._sample(names[1], texts, n=1)
+            first = self._sample(names[0], texts, records, n=1)
+            second = self._sample(names[1], texts, records, n=1)
             responses = [[ab] for ab in zip(first, second)]
             sources = (names[0], names[1])
         return [
             NewPair(prompt=rec["prompt"], response_a=a, response_b=b, source_a=sources[0], source_b=sources[1],
-                    task=rec.get("task"), meta=rec.get("meta"))
+                    task=rec.get("task"), meta=rec.get("meta"), images=pair_images(rec))
             for rec, prompt_pairs in zip(records, responses)
             for a, b in prompt_pairs
             if a != b and a.strip() and b.strip()
         ]
 
-    def _sample(self, name: str, texts: list[str], n: int) -> list[str]:
+    def _sample(self, name: str, texts: list[str], records: list, n: int) -> list[str]:
+        from rlhf.vision import images_for
+
         g = self.generation
-        rollout = self.policies[name].generate(
+        policy = self.policies[name]
+        image_inputs = getattr(policy, "image_inputs", None)
+        extra = {"images": images_for(records, image_inputs)} if image_inputs is not None else {}  # a VLM's images
+        rollout = policy.generate(
             texts, n=n, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-            seed=self.seed * 1_000_003 + self._calls,
+            seed=self.seed * 1_000_003 + self._calls, **extra,
         )
         return rollout.completions
 
@@ -159,14 +180,21 @@ def uncertainty(score_a: float, score_b: float) -> float:
 
 
 def load_reward_scorer(path: str) -> Scorer:
-    """A reward model trained by this project's reward stage (any HF sequence classifier with one label)."""
+    """A reward model trained by this project's reward stage (any HF sequence classifier with one label, or an image
+    reward model, which reads each prompt's image file)."""
+    from rlhf.vision import record_images
     from reward_models.model import RewardModel
 
     model = RewardModel.load(path)
 
-    def score(prompts: list, completions: list[str]) -> list[float]:
+    def score(prompts: list, completions: list[str], images: list | None = None) -> list[float]:
         texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
-        return model.score(texts, completions).tolist()
+        pictures = None
+        if model.image_inputs is not None:
+            if images is None or not all(images):
+                raise UserError(f"reward_model {path} is an image reward model: every pair needs its prompt's image")
+            pictures = [record_images({"images": files})[0] for files in images]
+        return model.score(texts, completions, images=pictures).tolist()
 
     return score
 
@@ -255,8 +283,9 @@ class PairFeeder:
 
     def _score(self, batch: list[NewPair]) -> list[NewPair]:
         prompts = [p.prompt for p in batch]
-        scores_a = self.scorer(prompts, [p.response_a for p in batch])
-        scores_b = self.scorer(prompts, [p.response_b for p in batch])
+        images = [p.images for p in batch] if any(p.images for p in batch) else None
+        scores_a = self.scorer(prompts, [p.response_a for p in batch], images)
+        scores_b = self.scorer(prompts, [p.response_b for p in batch], images)
         return [_replace(p, uncertainty=uncertainty(sa, sb)) for p, sa, sb in zip(batch, scores_a, scores_b)]
 
     def _loop(self) -> None:
@@ -292,6 +321,11 @@ def build_source(cfg: CollectConfig) -> PairSource:
             raise UserError(f"{cfg.pairs.prompts}: no prompt has task {cfg.pairs.task!r} (pairs.task)")
     prompts = prompts[: cfg.pairs.max_prompts]
     policies = {path: PolicyModel.from_pretrained(path) for path in cfg.pairs.checkpoints()}
+    from rlhf.data import prompt_text
+    from rlhf.vision import check_image_prompts
+
+    for path, policy in policies.items():  # image prompts need a vision-language policy, and the reverse
+        check_image_prompts(prompts, policy.image_inputs, path, prompt_of=lambda r, p=policy: prompt_text(r, p.tokenizer))
     return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=cfg.seed,
                             samples_per_prompt=cfg.pairs.samples_per_prompt)
 

@@ -17,6 +17,11 @@ Security model:
 - Model outputs are data: Jinja autoescaping renders them as text, and a strict Content-Security-Policy (no inline
   script, no foreign origins) backs that up; invisible and bidi control characters are shown as codes. Every
   response carries the security headers, 413 and 500 included.
+- A prompt's image is served by `/image/<assignment>/<n>` (credential required like every page): the client names
+  one of its own assignments, never a path, and gets the file the pair store holds for that pair (an absolute path
+  the pair source wrote), by an image extension, or 404. So no request reaches any other file, and the page's
+  `img-src 'self'` policy needs no data: URLs (an embedded data URI would have needed the CSP loosened, and would
+  put every image into the HTML of each page load).
 - Bodies over `server.max_body_bytes` get 413 before they are read; invalid input (wrong types - no coercion of
   "2" or 2.0 or true to a strength -, NaN, text that is not valid Unicode or holds NUL) gets 4xx and stores nothing.
 

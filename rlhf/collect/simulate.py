@@ -2,11 +2,14 @@
 the same HTTP API people use, so simulation exercises the real server, assignment and storage paths.
 
 Each simulated annotator is a thread with its own token and HTTP client. They judge what they are shown, in the
-shown (left, right) order, so the position bias the admin page reports is measured, not assumed.
+shown (left, right) order, so the position bias the admin page reports is measured, not assumed. An image prompt is
+told apart by its image: the simulator downloads it from the page's image route, as a person sees it, and finds the
+record whose image file has those bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -23,8 +26,11 @@ from rlhf.errors import UserError
 SIDE_OF_OUTCOME = {1.0: "left", 0.0: "right", 0.5: "tie"}
 
 
-def prompt_key(prompt) -> str:
-    return json.dumps(prompt, sort_keys=True)
+def prompt_key(prompt, images: list[bytes] = ()) -> str:
+    """The key of a prompt as shown: its text, and for an image prompt the digests of its images' bytes (the same
+    "<review> <image>" about a tent and about a lamp are two prompts)."""
+    key = json.dumps(prompt, sort_keys=True)
+    return key + "".join(f"|{hashlib.sha256(data).hexdigest()}" for data in images)
 
 
 def prompt_lookup(cfg: CollectConfig) -> dict[str, tuple[str, dict | None]]:
@@ -33,14 +39,18 @@ def prompt_lookup(cfg: CollectConfig) -> dict[str, tuple[str, dict | None]]:
     The server never sends task metadata to annotators, so the simulation reads it from the same files the pairs
     were made from.
     """
+    from pathlib import Path
+
     from rlhf.data import load_records
+    from rlhf.vision import image_paths
 
     sources = [s for s in (cfg.pairs.prompts if not cfg.pairs.file else cfg.pairs.file, cfg.gold.file) if s]
     lookup = {}
     for source in sources:
         for rec in load_records(source):
             if rec.get("task"):
-                lookup[prompt_key(rec.get("prompt"))] = (rec["task"], rec.get("meta"))
+                images = [Path(f).read_bytes() for f in image_paths(rec)]
+                lookup[prompt_key(rec.get("prompt"), images)] = (rec["task"], rec.get("meta"))
     if not lookup:
         raise UserError("simulated annotators need prompts with a `task` field (and `meta`) to score responses")
     return lookup
@@ -102,7 +112,12 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
                         return
                     time.sleep(0.2)  # pairs are being generated
                     continue
-                task_meta = lookup.get(prompt_key(item["prompt"]))
+                shown = []
+                for url in item.get("images") or []:  # an image prompt: look at its image, as a person would
+                    image = client.get(url)
+                    image.raise_for_status()
+                    shown.append(image.content)
+                task_meta = lookup.get(prompt_key(item["prompt"], shown))
                 if task_meta is None:
                     errors.append(f"no task metadata for prompt {str(item['prompt'])[:80]!r}; a simulated "
                                   "annotator can only judge prompts of the configured prompt/pair/gold files")

@@ -9,7 +9,8 @@ Invariants the database itself enforces (so they hold across threads, processes 
 - one judgment per (pair, annotator) - a pair never gets two judgments from the same person, and a resubmitted
   judgment is stored once;
 - one assignment per (pair, annotator), which also fixes the left/right order that annotator saw;
-- pair contents are unique (a content hash), so regenerated duplicates are not stored twice.
+- pair contents are unique (a content hash, over the prompt's image files too), so regenerated duplicates are not
+  stored twice.
 The overlap (judgments per pair) is a setting, not a constraint: `record_judgment` enforces it for late judgments
 (see there) and the assigner never leases more slots than it allows, each check inside its write transaction.
 
@@ -58,7 +59,7 @@ from rlhf.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SERVER_LOCK = 0x726C6866636F6C  # the PostgreSQL advisory lock a serving process holds (`Store.claim_server`)
 CHOICES = ("a", "b", "tie", "both_bad")  # canonical: relative to the stored response_a / response_b
 SIDES = ("left", "right", "tie", "both_bad")  # what an annotator clicks: relative to what they saw
@@ -103,6 +104,9 @@ pairs = Table(
     Column("source_b", String(512), nullable=False),
     Column("task", String(64)),
     Column("meta", Text),  # JSON metadata the demo world's scorers read; never shown to annotators
+    # JSON list of the prompt's image files (absolute paths), null = a text prompt. The judging page shows them
+    # through /image/<assignment>, the only way a file is served: the client never names a path.
+    Column("images", Text),
     Column("gold_label", Float),  # null = regular pair; 1.0 = A is right, 0.0 = B is right, 0.5 = tie
     Column("uncertainty", Float),  # reward-model uncertainty in [0, 1] (1 = coin flip), for active selection
     Column("content_hash", String(64), nullable=False, unique=True),
@@ -159,7 +163,12 @@ def _migrate_1_to_2(conn: Connection) -> None:
     sessions.create(conn)  # with its index
 
 
-MIGRATIONS = {1: _migrate_1_to_2}  # version -> the function that brings a database of that version to the next
+def _migrate_2_to_3(conn: Connection) -> None:
+    """Schema 2 -> 3: pairs.images (a prompt's image files; null for every pair stored before)."""
+    conn.exec_driver_sql("ALTER TABLE pairs ADD COLUMN images TEXT")
+
+
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}  # version -> the function that brings it to the next
 
 
 class UnknownAssignment(Exception):
@@ -183,7 +192,8 @@ class Annotator:
 
 @dataclass(frozen=True)
 class NewPair:
-    """A pair to store. `prompt` is a string or a list of chat turns."""
+    """A pair to store. `prompt` is a string or a list of chat turns; `images` the prompt's image files (absolute
+    paths), None for a text prompt."""
 
     prompt: Any
     response_a: str
@@ -194,20 +204,21 @@ class NewPair:
     meta: dict | None = None
     gold_label: float | None = None
     uncertainty: float | None = None
+    images: list[str] | None = None
 
     def unstorable(self) -> str | None:
         """Why this pair cannot be stored and served (a NUL or a lone surrogate somewhere), or None."""
-        for name in ("prompt", "response_a", "response_b", "source_a", "source_b", "task", "meta"):
+        for name in ("prompt", "response_a", "response_b", "source_a", "source_b", "task", "meta", "images"):
             problem = unstorable_text(getattr(self, name))
             if problem:
                 return f"{name} contains {problem}"
         return None
 
     def content_hash(self) -> str:
-        payload = json.dumps(
-            [self.prompt, self.response_a, self.response_b, self.source_a, self.source_b, self.gold_label is not None],
-            sort_keys=True,
-        )
+        fields = [self.prompt, self.response_a, self.response_b, self.source_a, self.source_b, self.gold_label is not None]
+        if self.images:  # "<review> <image>" about two images is two prompts; a text pair hashes as it always did
+            fields.append(self.images)
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -304,6 +315,9 @@ _EXISTING = select(judgments.c.id, judgments.c.choice).where(
 )
 _LATE_SLOTS = select(slots_taken(bindparam("cutoff"), exclude_assignment=bindparam("assignment_id"))).where(
     pairs.c.id == bindparam("pair_id")
+)
+_ASSIGNMENT_IMAGES = select(pairs.c.images).join(assignments, assignments.c.pair_id == pairs.c.id).where(
+    (assignments.c.id == bindparam("assignment_id")) & (assignments.c.annotator_id == bindparam("annotator_id"))
 )
 _COMPLETE = assignments.update().where(assignments.c.id == bindparam("assignment_id")).values(completed=True)
 _COUNT_JUDGMENT = pairs.update().where(pairs.c.id == bindparam("pair_id")).values(judged=pairs.c.judged + 1)
@@ -613,6 +627,7 @@ class Store:
                     "source_b": p.source_b,
                     "task": p.task,
                     "meta": json.dumps(p.meta) if p.meta is not None else None,
+                    "images": json.dumps(p.images) if p.images else None,
                     "gold_label": p.gold_label,
                     "uncertainty": p.uncertainty,
                     "content_hash": h,
@@ -634,6 +649,17 @@ class Store:
         cutoff = time.time() - lease_seconds
         with self.read() as conn:
             return conn.execute(_COUNT_OPEN, {"overlap": overlap, "cutoff": cutoff}).scalar_one()
+
+    def assignment_image(self, annotator_id: int, assignment_id: str, index: int = 0) -> str | None:
+        """The image file of the pair behind one of this annotator's assignments (its `index`-th image), or None
+        when the assignment is not theirs or its prompt has no such image: what `/image/<assignment>` may serve."""
+        with self.read() as conn:
+            stored = conn.execute(_ASSIGNMENT_IMAGES, {"assignment_id": assignment_id,
+                                                       "annotator_id": annotator_id}).scalar()
+        images = _json_or(stored, None) if stored is not None else None
+        if not isinstance(images, list) or not 0 <= index < len(images) or not isinstance(images[index], str):
+            return None
+        return images[index]
 
     def get_pair(self, pair_id: int) -> dict:
         with self.read() as conn:
@@ -785,6 +811,7 @@ class Store:
                 pairs.c.source_b,
                 pairs.c.task,
                 pairs.c.meta,
+                pairs.c.images,
                 pairs.c.gold_label,
             )
             .join(pairs, pairs.c.id == judgments.c.pair_id)
@@ -814,6 +841,9 @@ def decode_pair(row) -> dict:
         out["prompt"] = clean_text(_json_or(out["prompt"], out["prompt"]))
     if out.get("meta") is not None:
         out["meta"] = clean_text(_json_or(out["meta"], None))
+    if "images" in out:
+        images = _json_or(out["images"], None) if out["images"] is not None else None
+        out["images"] = [i for i in images if isinstance(i, str)] if isinstance(images, list) else []
     return out
 
 

@@ -17,7 +17,8 @@ def api_next(who: Caller = Depends(caller), state: CollectState = Depends(get_st
     if item is None:
         return {"assignment": None, "status": state.status_when_empty()}
     return {
-        "assignment": {"id": item.id, "prompt": item.prompt, "left": item.left, "right": item.right},
+        "assignment": {"id": item.id, "prompt": item.prompt, "left": item.left, "right": item.right,
+                       "images": [f"/image/{item.id}/{n}" for n in range(item.images)]},
         "guidelines_version": state.version,
         "status": "ok",
     }

@@ -1,12 +1,13 @@
-"""The server-rendered pages: judging (and its form posts: judge, skip, undo), the guidelines and the admin
-overview."""
+"""The server-rendered pages: judging (and its form posts: judge, skip, undo), the prompt's image, the guidelines and
+the admin overview."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Form, HTTPException
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
 from rlhf.collect.routes.auth import Caller, admin, caller
@@ -14,6 +15,8 @@ from rlhf.collect.routes.state import CollectState, JudgmentIn, get_state, safe_
 
 router = APIRouter()
 RECENT_RATIONALES = 50  # the admin page lists this many of the latest non-empty rationales
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".webp": "image/webp", ".bmp": "image/bmp"}  # what /image serves, by the file's extension
 
 
 def prompt_turns(prompt) -> list[tuple[str, str]]:
@@ -39,6 +42,22 @@ def judge_page(who: Caller = Depends(caller), state: CollectState = Depends(get_
         empty_status=None if item else state.status_when_empty(),
         max_rationale=state.cfg.server.max_rationale_chars,
     )
+
+
+@router.get("/image/{assignment_id}/{index}")
+def assignment_image(assignment_id: str, index: int, who: Caller = Depends(caller),
+                     state: CollectState = Depends(get_state)):
+    """The `index`-th image of the prompt of one of the caller's own assignments. The client names an assignment,
+    never a file: the file is the one the pair store holds for that pair (put there by the pair source), so no
+    request reaches anything else on disk, and another annotator's assignment id gets 404 like an unknown one."""
+    path = state.store.assignment_image(who.annotator.id, assignment_id[:64], index)
+    if path is None:
+        raise HTTPException(404, "no such image")
+    file = Path(path)
+    media_type = IMAGE_TYPES.get(file.suffix.lower())
+    if media_type is None or not file.is_file():
+        raise HTTPException(404, "the image file is not available")
+    return FileResponse(file, media_type=media_type)
 
 
 @router.post("/judge")
