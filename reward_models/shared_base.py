@@ -2,6 +2,11 @@
 
 When the reward stage trained its model as LoRA on the same SFT base the policy starts from, PPO runs it as a frozen
 adapter on the policy's model (`PolicyModel.add_adapter` / `using_adapter`) and hands it to `Scorer(models=...)`.
+
+An image reward model is not shared: a LoRA vision-language policy trains its projector whole (peft wraps it in
+`modules_to_save`), and the reward adapter's LoRA weights of the projector do not load onto that wrapped module
+(peft reports them as unexpected keys), so as an adapter it would score without its own projector. It loads as a
+model of its own instead.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import nn
 
 from rlhf.config import LoraSettings
 from rlhf.policy import PolicyModel
-from reward_models.model import ADAPTER_DIR, RewardModel
+from reward_models.model import ADAPTER_DIR, RewardModel, is_reward_model_dir
 from reward_models.scoring import RewardComponent
 
 
@@ -38,17 +43,16 @@ class SharedBaseClassifier(nn.Module):
         return self._trunk
 
     @torch.no_grad()
-    def _trunk(self, input_ids, attention_mask, position_ids=None, use_cache=False, pixel_values=None):
+    def _trunk(self, input_ids, attention_mask, position_ids=None, use_cache=False):
         from types import SimpleNamespace
 
         policy = self._policy[0]
-        extra = {} if pixel_values is None else {"pixel_values": pixel_values}  # an image reward model's images
         was_training = policy.model.training
         policy.model.eval()
         try:
             with policy.using_adapter(self.adapter):
                 out = policy.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   logits_to_keep=1, output_hidden_states=True, use_cache=False, **extra)
+                                   logits_to_keep=1, output_hidden_states=True, use_cache=False)
         finally:
             policy.model.train(was_training)
         return SimpleNamespace(last_hidden_state=out.hidden_states[-1])
@@ -69,6 +73,9 @@ def shared_reward_models(rewards: list[RewardComponent], policy: PolicyModel,
     for c in rewards:
         adapter_dir = Path(c.model or "") / ADAPTER_DIR
         if c.model is None or not (adapter_dir / "adapter_config.json").is_file():
+            continue
+        if is_reward_model_dir(c.model):  # an image reward model (see the module docstring): loaded on its own
+            print(f"reward '{c.name}': an image reward model; loaded as a model of its own, not as an adapter")
             continue
         saved = json.loads((adapter_dir / "adapter_config.json").read_text())
         if Path(saved.get("base_model_name_or_path") or "/nonexistent").expanduser().resolve() != base:

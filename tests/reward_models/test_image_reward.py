@@ -216,3 +216,13 @@ def test_ppo_step_with_the_image_reward_model_as_reward_and_critic(image_rm, tmp
     row = [r for r in read_metrics(tmp_path / "out") if "loss/value" in r][0]
     assert torch.isfinite(torch.tensor([row["loss/value"], row["reward/rm"], row["value/explained_var"]])).all()
     assert RewardModel.load(str(tmp_path / "out" / "critic")).image_inputs is not None
+
+
+def test_a_lora_image_reward_model_is_not_run_as_an_adapter_on_the_policys_base(tmp_path, vlm_dir):
+    from reward_models.shared_base import shared_reward_models
+
+    RewardModel.from_backbone(str(vlm_dir), lora=LoraSettings(r=4, alpha=8)).save(tmp_path / "rm")
+    policy = PolicyModel.load(ModelSettings(path=str(vlm_dir), lora={"r": 4, "alpha": 8}), device="cpu")
+    rewards = [RewardComponent(name="rm", model=str(tmp_path / "rm"), normalize=False)]
+    assert shared_reward_models(rewards, policy, str(vlm_dir)) == {}  # the Scorer loads it on its own
+    assert Scorer(rewards).models["rm"].image_inputs is not None
