@@ -256,7 +256,8 @@ def prompt_budget(model_config, max_new_tokens: int, key: str = "sampling.max_ne
     """Tokens a prompt may have so that it and `max_new_tokens` fit the model's context (`max_position_embeddings`,
     of the language model in a vision-language one); None when the model config names no context. `key` is the
     config key of `max_new_tokens`, for the error."""
-    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    context = getattr(text_config, "max_position_embeddings", None)
     if not isinstance(context, int):
         return None
     if max_new_tokens >= context:
