@@ -230,7 +230,8 @@ def logits_are_large(model, targets: torch.Tensor, limit: int | None = None) -> 
     from rlhf import ops
 
     config = getattr(model, "module", model).config
-    vocab = getattr(config.get_text_config(), "vocab_size", None) or 0
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text_config, "vocab_size", None) or 0
     return targets.numel() * vocab > (ops.LOGIT_CHUNK_ELEMENTS if limit is None else limit)
 
 
