@@ -156,6 +156,31 @@ def test_finetuning_onto_another_label_set_gets_a_new_zero_head_on_the_same_trun
     assert {"eval/accuracy/square", "eval/accuracy/circle"} <= set(result["metrics"])
 
 
+def test_the_worlds_digits_then_products_through_the_stage(vision_world, vit_dir, tmp_path):
+    """rlhf.world.vision's files as they are: pre-train on the digits, fine-tune onto the products; and the shared
+    32-pixel ViT fixture (a saved ViTImageProcessor too) fine-tuned at 64 pixels from its bare trunk (`ViTModel`)."""
+    from transformers import ViTForImageClassification, ViTModel
+
+    digits = _cfg(tmp_path / "digits", vision_world, "digits", **{"train.max_steps": 3})
+    metrics = run_stage("vit", digits)["metrics"]
+    model = ViTForImageClassification.from_pretrained(tmp_path / "digits")
+    assert model.config.id2label == {i: str(i) for i in range(10)} and metrics["eval/examples"] == 20
+    products = _cfg(tmp_path / "products", vision_world, "products",
+                    **{"model.path": str(tmp_path / "digits"), "train.max_steps": 3})
+    run_stage("vit", products)
+    names = ViTForImageClassification.from_pretrained(tmp_path / "products").config.id2label
+    rows = [json.loads(line) for line in (vision_world / "products_train.jsonl").read_text().splitlines()]
+    assert names == {r["label"]: r["label_name"] for r in rows} and len(names) == 4
+
+    trunk_dir = tmp_path / "trunk"
+    ViTModel.from_pretrained(vit_dir, add_pooling_layer=False).save_pretrained(trunk_dir)
+    model, processor, new_head = vit.load_vit(vit.VitModelSettings(path=str(trunk_dir), image_size=64), names, seed=0)
+    assert new_head and model.config.image_size == 64 and model.config.id2label == names
+    assert model.vit.embeddings.position_embeddings.shape == (1, 1 + 8 * 8, 32) and processor.size["height"] == 64
+    assert run_stage("vit", _cfg(tmp_path / "from_fixture", vision_world, "products",
+                                 **{"model.path": str(vit_dir), "model.image_size": 64, "train.max_steps": 2}))
+
+
 def test_wilson_interval_by_hand():
     # 8 of 10, z = 1.95996: centre (0.8 + 0.19207) / 1.38415 = 0.71674, half-width 1.95996 · 0.16001 / 1.38415 = 0.22658
     assert vit.wilson_interval(8, 10) == pytest.approx((0.49016, 0.94331), abs=1e-5)
