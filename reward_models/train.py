@@ -27,7 +27,9 @@ from pydantic import Field
 
 from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import Record, load_prompts, load_records, prompt_text
-from rlhf.distributed import check_engine, global_normalizer, make_accelerator, reduce_metrics, sync_unless_last
+from rlhf.distributed import (
+    WholeWeights, check_engine, global_normalizer, make_accelerator, reduce_metrics, sync_unless_last,
+)
 from rlhf.errors import UserError
 from rlhf.losses import lm_loss
 from rlhf.stage import StageContext
@@ -170,6 +172,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 5. optimizer and schedule, prepared by accelerate ------------------------------------------------------------
     optimizer = make_optimizer(rm.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    whole_rm = WholeWeights(accelerator, rm)  # FSDP: an unsharded copy to evaluate and save with
     model, optimizer, scheduler = accelerator.prepare(rm, optimizer, scheduler)
 
     # 6. resume: weights, optimizer, scheduler and RNG; the data order is a function of the step --------------------
@@ -182,7 +185,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         return {k: v.to(accelerator.device) for k, v in batch.items()}
 
     def evaluate(final: bool = False) -> dict[str, float]:
-        metrics, chosen, rejected = evaluate_pairs(accelerator.unwrap_model(model), eval_pairs,
+        metrics, chosen, rejected = evaluate_pairs(whole_rm.get(model), eval_pairs,
                                                    cfg.eval.batch_size, cfg.eval.ece_bins)
         ceiling = noise_ceiling(eval_pairs)
         if ceiling is not None:
@@ -232,7 +235,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         metrics["loss/total"] = totals["loss/total"]
 
     # 8. held-out evaluation, with the score histogram -----------------------------------------------------------------
-    rm = accelerator.unwrap_model(model)
+    rm = whole_rm.get(model)
     metrics = {**reduce_metrics(accelerator, metrics), **evaluate(final=True)}
 
     # 9. score statistics on samples of the SFT policy (PPO / GRPO normalize rewards with them) -------------------

@@ -73,8 +73,21 @@ class Critic:
         """The policy's own trainable weights (what a critic warm-up keeps still): a shared trunk counts as policy."""
         return [p for p in policy.model.parameters() if p.requires_grad]
 
-    def save(self, stage_dir: Path, accelerator) -> None:
-        """Write the critic beside the saved policy (main process only)."""
+    def keep_whole_weights(self, accelerator) -> None:
+        """Call before `accelerator.prepare`: under FSDP, an unsharded copy of the module for `bare` to fill."""
+        from rlhf.distributed import WholeWeights
+
+        self._whole = WholeWeights(accelerator, self.module) if self.module is not None else None
+
+    def bare(self, accelerator) -> nn.Module | None:
+        """The trained module without accelerate's wrapper, with whole weights (every process must call it)."""
+        if self.module is None:
+            return None
+        whole = getattr(self, "_whole", None)
+        return whole.get(self.module) if whole is not None else accelerator.unwrap_model(self.module)
+
+    def save(self, stage_dir: Path, module: nn.Module | None) -> None:
+        """Write the critic beside the saved policy (main process only). `module`: `bare(accelerator)`."""
 
 
 class ValueHeadCritic(Critic):
@@ -122,8 +135,8 @@ class SeparateCritic(Critic):
     def values(self, policy: PolicyModel, rollout: Rollout) -> torch.Tensor:
         return self.module(rollout)
 
-    def save(self, stage_dir: Path, accelerator) -> None:
-        accelerator.unwrap_model(self.module).save(Path(stage_dir) / CRITIC_DIR)
+    def save(self, stage_dir: Path, module: nn.Module | None) -> None:
+        module.save(Path(stage_dir) / CRITIC_DIR)
 
 
 class AdapterCritic(Critic):
@@ -141,12 +154,11 @@ class AdapterCritic(Critic):
     def policy_parameters(self, policy: PolicyModel) -> list[nn.Parameter]:
         return [p for n, p in policy.model.named_parameters() if p.requires_grad and f".{CRITIC_ADAPTER}." not in n]
 
-    def save(self, stage_dir: Path, accelerator) -> None:
+    def save(self, stage_dir: Path, module: nn.Module | None) -> None:
         from safetensors.torch import save_file
 
         (Path(stage_dir) / CRITIC_DIR).mkdir(parents=True, exist_ok=True)
-        head = accelerator.unwrap_model(self.module)
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()},
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()},
                   str(Path(stage_dir) / CRITIC_DIR / VALUE_HEAD_FILE))
 
 

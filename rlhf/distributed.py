@@ -34,8 +34,26 @@ def make_accelerator(train, seed: int):
     # optimizer step (it assumes max_steps shrinks with more processes); ours count global optimizer steps
     accelerator = Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no",
                               step_scheduler_with_optimizer=False, cpu=state.device.type == "cpu")
+    if state.device.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        _fsdp_on_cpu(accelerator)
     set_seed(seed)
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Run an FSDP launch (`configs/accelerate/fsdp.yaml`) as FSDP on a CPU gloo group too. accelerate builds the
+    FSDP plugin from the launch config but files a multi-process CPU run as MULTI_CPU and wraps it in DDP, silently
+    dropping the sharding; torch's `fully_shard` itself runs on gloo, so the engine is set to FSDP here, as accelerate
+    sets it for GPUs, and everything after (prepare, clipping, save / load state) is accelerate's own FSDP2 path."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch config (FSDP_* environment variables)
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU runs FSDP2 only (torch's fully_shard): set fsdp_version: 2 in the accelerate config")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def reduce_metrics(accelerator, metrics: dict) -> dict[str, float]:
@@ -99,7 +117,93 @@ def prepare_reference(accelerator, policy) -> None:
     wrapper on its forward (bf16 autocast), no data-parallel wrapper. Under LoRA the reference is the policy's own
     base and needs nothing."""
     if policy.ref_model is not None:
-        policy.ref_model = accelerator.prepare_model(policy.ref_model, evaluation_mode=True)
+        policy.ref_model = shard_frozen(accelerator, accelerator.prepare_model(policy.ref_model, evaluation_mode=True))
+
+
+class WholeWeights:
+    """A trained module's whole weights on every process while accelerate shards them (FSDP2), for what reads
+    weights outside the wrapper's forward: sampling, saving. The hybrid-engine way (verl's FSDP workers): an unsharded
+    copy, taken before `accelerator.prepare` and refreshed from the shards (an all-gather per tensor) when asked for.
+    Without sharding there is no copy and `get` is accelerate's unwrap. Every process must call `get` (a collective)."""
+
+    def __init__(self, accelerator, module: torch.nn.Module):
+        import copy
+
+        self.accelerator = accelerator
+        self.copy = copy.deepcopy(module).requires_grad_(False) if is_fsdp(accelerator) else None
+
+    def get(self, prepared: torch.nn.Module) -> torch.nn.Module:
+        if self.copy is None:
+            return self.accelerator.unwrap_model(prepared)
+        from torch.distributed.tensor import DTensor
+
+        mine = dict(self.copy.named_parameters())
+        with torch.no_grad():
+            for name, param in prepared.named_parameters():
+                mine[name].copy_(param.full_tensor() if isinstance(param, DTensor) else param)
+        self.copy.train(prepared.training)
+        return self.copy
+
+
+def shard_frozen(accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """Under FSDP, shard a frozen module (the reference policy) like the trained ones. accelerate prepares FSDP2
+    modules only together with an optimizer, so this applies torch's `fully_shard` itself."""
+    if is_fsdp(accelerator):
+        _fully_shard_tree(accelerator, module)
+    return module
+
+
+def shard_together(accelerator, modules: Sequence[torch.nn.Module]) -> torch.nn.Module:
+    """Under FSDP, several trained modules (PPO's policy, value head, critic) as one container for
+    `accelerator.prepare`, which takes one FSDP2 model per call: each module is sharded as a tree of its own (it runs
+    its own forward), the container is an FSDP unit with no parameters of its own, so accelerate keeps the sharding
+    and maps the optimizer (built after this) onto the sharded parameters one to one."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in modules:
+        _fully_shard_tree(accelerator, module)
+    together = _Together(modules)
+    fully_shard(together, **_shard_options(accelerator))
+    return together
+
+
+class _Together(torch.nn.Module):
+    """The container `shard_together` hands accelerate (fully_shard takes no bare ModuleList)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the modules run their own forward")
+
+
+def _fully_shard_tree(accelerator, module: torch.nn.Module) -> None:
+    """One FSDP unit per decoder layer (the model's `_no_split_modules`, what the launch config's
+    TRANSFORMER_BASED_WRAP picks), then the rest of the module as the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = getattr(module, "get_base_model", lambda: module)()  # a peft model keeps the HF model inside
+    blocks = set(getattr(inner, "_no_split_modules", None) or getattr(module, "_no_split_modules", None) or [])
+    options = _shard_options(accelerator)
+    for sub in module.modules():
+        if sub is not module and type(sub).__name__ in blocks:
+            fully_shard(sub, **options)
+    fully_shard(module, **options)
+
+
+def _shard_options(accelerator) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    return {"reshard_after_forward": plugin.reshard_after_forward,
+            "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def sharded_parameters(accelerator) -> bool:
@@ -129,7 +233,7 @@ def check_engine(accelerator, *, micro_batches: int = 1, generates: str | None =
         raise UserError(f"DeepSpeed steps the optimizer inside each backward pass, and this stage accumulates "
                         f"{micro_batches} micro-batches per optimizer step: set train.grad_accum: 1 (grpo / ppo: "
                         "rl.micro_batch_size >= the rows of a minibatch), or launch with configs/accelerate/ddp.yaml")
-    for what in (generates, merges):
-        if what and sharded_parameters(accelerator):
-            raise UserError(f"{what} needs the policy's whole weights on every process, and FSDP / DeepSpeed ZeRO-3 "
-                            "shard them: launch with configs/accelerate/ddp.yaml or zero2.yaml, or turn it off")
+    for what in (generates, merges):  # FSDP gathers whole weights for them (`WholeWeights`); ZeRO-3 cannot here
+        if what and sharded_parameters(accelerator) and not is_fsdp(accelerator):
+            raise UserError(f"{what} needs the policy's whole weights on every process, and DeepSpeed ZeRO-3 shards "
+                            "them: launch with configs/accelerate/fsdp.yaml, ddp.yaml or zero2.yaml, or turn it off")

@@ -18,6 +18,7 @@ from torch import nn
 
 from rlhf.config import LoraSettings, ModelSettings
 from rlhf.data import encode_prompt
+from rlhf.distributed import is_fsdp
 from rlhf.errors import UserError
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, response_mask_from_ids
 from rlhf.types import ForwardOut, Rollout
@@ -299,6 +300,7 @@ class PolicyModel:
         self.ref_model = ref_model
         self.value_head = value_head
         self.image_inputs = image_inputs
+        self._whole: dict | None = None  # FSDP: unsharded copies of the trained modules (`keep_whole_weights`)
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -391,16 +393,33 @@ class PolicyModel:
         """The trainable modules (model, value head): what an optimizer and accelerate.prepare receive."""
         return [self.model] + ([self.value_head] if self.value_head is not None else [])
 
+    def keep_whole_weights(self, accelerator) -> None:
+        """Call before `accelerator.prepare`: under FSDP, keep unsharded copies of the trained modules that
+        `unwrapped` fills from the shards (sampling and saving read whole weights). A no-op otherwise."""
+        from rlhf.distributed import WholeWeights
+
+        self._whole = {"model": WholeWeights(accelerator, self.model),
+                       "head": WholeWeights(accelerator, self.value_head) if self.value_head is not None else None}
+
     def unwrapped(self, accelerator) -> "PolicyModel":
         """This policy with accelerate's wrappers (DDP / FSDP / DeepSpeed) taken off its trainable modules.
 
         The one way to get a bare view back after `accelerator.prepare(policy.model, ...)` (and of the value head):
-        the view shares the weights and keeps the tokenizer, the reference and the value head, so it can
-        `generate` (a DDP wrapper has no `generate`), compute reference log-probs and `save`.
+        the view keeps the tokenizer, the reference and the value head, so it can `generate` (a DDP wrapper has no
+        `generate`), compute reference log-probs and `save`. It shares the weights, except under FSDP, where it is
+        the whole-weight copies (`keep_whole_weights`) refreshed from the shards: every process must call it then.
         """
-        head = accelerator.unwrap_model(self.value_head) if self.value_head is not None else None
-        return PolicyModel(accelerator.unwrap_model(self.model), self.tokenizer, ref_model=self.ref_model, value_head=head,
-                           image_inputs=self.image_inputs)
+        whole = self._whole or {}
+        if whole.get("model") is not None:
+            model = whole["model"].get(self.model)
+            head = whole["head"].get(self.value_head) if whole.get("head") is not None else None
+        else:
+            if is_fsdp(accelerator):
+                raise RuntimeError("PolicyModel.unwrapped under sharded parameters needs keep_whole_weights() before "
+                                   "accelerator.prepare")
+            model = accelerator.unwrap_model(self.model)
+            head = accelerator.unwrap_model(self.value_head) if self.value_head is not None else None
+        return PolicyModel(model, self.tokenizer, ref_model=self.ref_model, value_head=head, image_inputs=self.image_inputs)
 
     def to(self, device) -> "PolicyModel":
         for m in self.modules() + ([self.ref_model] if self.ref_model is not None else []):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import OptimSettings
-from rlhf.distributed import reduce_metrics, sharded_parameters
+from rlhf.distributed import is_fsdp, reduce_metrics, sharded_parameters
 from rlhf.errors import UserError
 from rlhf.stage import TMP_PREFIX, atomic_write, write_into
 
@@ -357,9 +357,11 @@ def final_eval_and_save(ctx, accelerator, policy, metrics: dict, evaluate, count
     that a kill or a full disk never leaves a half-written file beside the others. Returns `metrics` updated."""
     metrics = {**reduce_metrics(accelerator, metrics), **evaluate()}
     ctx.tracker.log({**metrics, **progress_axes(counters, timer)}, step=max_steps)
-    # sharded parameters (FSDP / ZeRO-3) are gathered into one state dict first: every process takes part
-    state_dict = accelerator.get_state_dict(policy.model) if sharded_parameters(accelerator) else None
+    # sharded parameters are gathered first, every process taking part: FSDP into the policy's whole-weight copy,
+    # ZeRO-3 into one state dict
+    bare = policy.unwrapped(accelerator)
+    state_dict = accelerator.get_state_dict(policy.model) if sharded_parameters(accelerator) and not is_fsdp(accelerator) else None
     if accelerator.is_main_process:
-        write_into(ctx.dir, lambda tmp: policy.unwrapped(accelerator).save(tmp, merged=merged, state_dict=state_dict))
+        write_into(ctx.dir, lambda tmp: bare.save(tmp, merged=merged, state_dict=state_dict))
     accelerator.wait_for_everyone()
     return metrics

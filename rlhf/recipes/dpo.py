@@ -164,6 +164,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 4. optimizer and schedule, prepared by accelerate; the reference copy runs under the policy's precision --------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    policy.keep_whole_weights(accelerator)  # FSDP: an unsharded copy to sample and save with
     policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     prepare_reference(accelerator, policy)
     model = policy.model

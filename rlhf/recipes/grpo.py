@@ -134,6 +134,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 4. optimizer and schedule (one optimizer step per minibatch), prepared by accelerate -------------------------
     optimizer = make_optimizer(policy.model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step(cfg.rl))
+    policy.keep_whole_weights(accelerator)  # FSDP: an unsharded copy to sample and save with
     policy.model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     prepare_reference(accelerator, policy)
     model = policy.model

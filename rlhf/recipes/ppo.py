@@ -39,7 +39,9 @@ from rlhf.advantages import fixed_score_without_eos, gae, kl_shaped_rewards, mak
 from rlhf.config import LoopSettings, ModelSettings, OptimSettings, RLSettings, SamplingSettings, Section, StageConfig
 from rlhf.critic import Critic, CriticSettings, build_critic, policy_settings
 from rlhf.data import load_rl_prompts, prompt_budget
-from rlhf.distributed import check_engine, global_normalizer, make_accelerator, prepare_reference, sync_unless_last
+from rlhf.distributed import (
+    check_engine, global_normalizer, is_fsdp, make_accelerator, prepare_reference, shard_together, sync_unless_last,
+)
 from rlhf.errors import UserError
 from rlhf.evaluation import evaluate_gold, scorer_score_fn
 from rlhf.generation import check_environment
@@ -178,11 +180,17 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 5. one AdamW over policy and critic (one loss, one clipped gradient norm), prepared by accelerate --------------
     modules = [*policy.modules(), *([critic.module] if critic.module is not None else [])]
     check_engine(accelerator, modules=len(modules))  # DeepSpeed takes one model
+    policy.keep_whole_weights(accelerator)  # FSDP: unsharded copies to sample and save with
+    critic.keep_whole_weights(accelerator)
+    together = shard_together(accelerator, modules) if is_fsdp(accelerator) else None  # before the optimizer sees them
     optimizer = make_optimizer([p for m in modules for p in m.parameters()], cfg.optim)
     for group in optimizer.param_groups:
         group["eps"] = cfg.optim.eps
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step(cfg.rl))
-    *modules, optimizer, scheduler = accelerator.prepare(*modules, optimizer, scheduler)
+    if together is not None:  # accelerate's FSDP2 prepares one model per call: the modules as one container
+        _, optimizer, scheduler = accelerator.prepare(together, optimizer, scheduler)
+    else:
+        *modules, optimizer, scheduler = accelerator.prepare(*modules, optimizer, scheduler)
     policy.model, policy.value_head = modules[0], modules[1] if policy.value_head is not None else None
     critic.module = modules[-1] if critic.module is not None else None
     prepare_reference(accelerator, policy)
@@ -278,8 +286,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 8. final evaluation; the policy in Hugging Face format, the critic beside it ---------------------------------
     metrics = final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps,
                                   merged=cfg.save_merged)
+    bare_critic = critic.bare(accelerator)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:  # whole files or none: a kill mid-save leaves no half critic in the result
-        write_into(ctx.dir, lambda staging: critic.save(staging, accelerator))
+        write_into(ctx.dir, lambda staging: critic.save(staging, bare_critic))
     accelerator.wait_for_everyone()
     return metrics
 

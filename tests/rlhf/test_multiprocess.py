@@ -279,12 +279,12 @@ def test_engines_refuse_what_they_cannot_do_in_one_line():
     assert [sharded_parameters(e) for e in (ddp, fsdp, zero2, zero3)] == [False, True, False, True]
     check_engine(ddp, micro_batches=4, generates="grpo's rollouts", merges="save_merged")
     check_engine(zero2, micro_batches=1, generates="grpo's rollouts")
-    check_engine(fsdp, micro_batches=4)
+    check_engine(fsdp, micro_batches=4, generates="grpo's rollouts", merges="save_merged")  # gathers whole weights
     with pytest.raises(UserError, match="accumulates 2 micro-batches per optimizer step: set train.grad_accum: 1"):
         check_engine(zero2, micro_batches=2)
-    for sharded in (fsdp, zero3):
-        with pytest.raises(UserError, match="grpo's rollouts needs the policy's whole weights on every process"):
-            check_engine(sharded, micro_batches=1, generates="grpo's rollouts")
+    with pytest.raises(UserError, match="grpo's rollouts needs the policy's whole weights on every process, and "
+                                        "DeepSpeed ZeRO-3 shards them"):
+        check_engine(zero3, micro_batches=1, generates="grpo's rollouts")
     from rlhf.recipes.rl_settings import rl_micro_batches
     from rlhf.config import RLSettings
 
