@@ -45,6 +45,7 @@ def _fsdp_on_cpu(accelerator) -> None:
     FSDP plugin from the launch config but files a multi-process CPU run as MULTI_CPU and wraps it in DDP, silently
     dropping the sharding; torch's `fully_shard` itself runs on gloo, so the engine is set to FSDP here, as accelerate
     sets it for GPUs, and everything after (prepare, clipping, save / load state) is accelerate's own FSDP2 path."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # reads the launch config (FSDP_* environment variables)
@@ -52,8 +53,10 @@ def _fsdp_on_cpu(accelerator) -> None:
         raise UserError("FSDP on CPU runs FSDP2 only (torch's fully_shard): set fsdp_version: 2 in the accelerate config")
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
-    accelerator.state.distributed_type = DistributedType.FSDP
+    # both: every `AcceleratorState()` accelerate builds internally (save_state does) copies the engine from PartialState
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+    accelerator.print(f"FSDP2 on CPU: {accelerator.num_processes} processes over gloo, parameters sharded")
 
 
 def reduce_metrics(accelerator, metrics: dict) -> dict[str, float]:

@@ -105,6 +105,7 @@ def save_checkpoint(accelerator, stage_dir: Path, step: int, counters: dict, kee
     try:
         # safetensors refuses tied weights (embeddings shared with the LM head), so use torch's format here
         accelerator.save_state(str(tmp), safe_serialization=False)
+        accelerator.wait_for_everyone()  # every process has written its part (its RNG state at least) before the rename
         if accelerator.is_main_process:
             atomic_write(tmp / "state.json", json.dumps({"step": step, **counters}))
     except BaseException:
@@ -166,6 +167,14 @@ def usable_checkpoint(stage_dir: Path, quiet: bool = False) -> Path | None:
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG states; return the counters (step, samples, tokens...)."""
+    from rlhf.distributed import is_fsdp
+
+    sharded = (Path(path) / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded state (torch.distributed.checkpoint)
+    if sharded != is_fsdp(accelerator):
+        how = ("launch it with an FSDP accelerate config (configs/accelerate/fsdp.yaml, any --num_processes)" if sharded
+               else "launch it without FSDP (plain, or configs/accelerate/ddp.yaml)")
+        raise UserError(f"cannot resume from {path}: it was saved {'sharded by FSDP' if sharded else 'whole, without FSDP'}; "
+                        f"{how}, or remove {Path(path).parent} to start this stage again from step 0")
     try:
         accelerator.load_state(str(path))
     except Exception as exc:  # damage the file checks cannot see

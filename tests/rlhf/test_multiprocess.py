@@ -1,11 +1,12 @@
-"""Scale-out on CPU: every trainable stage under `accelerate launch` with two processes (gloo) gives what one process
-gives for the same global batch and seed, and a checkpoint moves between process counts.
+"""Scale-out on CPU: every trainable stage under `accelerate launch` with two processes (gloo), under DDP and under
+FSDP2 (parameters sharded), gives what one process gives for the same global batch and seed, and a checkpoint moves
+between process counts (FSDP's sharded checkpoints too).
 
 One pipeline holds a tiny pretrain, sft, reward, dpo, grpo and ppo stage (each on fixed inputs, so each is compared on its
-own). It runs once on one process (micro-batches accumulated: `grad_accum` 2, or all prompts in one rollout) and once
-on two (`grad_accum` 1, half the prompts per process): the same global batch, split differently. Compared step by
-step: the logged losses, rewards and gradient norms, the final gold evaluation (sharded over the processes) and the
-saved weights.
+own). It runs once on one process (micro-batches accumulated: `grad_accum` 2, or all prompts in one rollout) and on
+two, once per engine (`grad_accum` 1, half the prompts per process): the same global batch, split differently.
+Compared step by step: the logged losses, rewards and gradient norms, the final gold evaluation (sharded over the
+processes) and the saved weights.
 
 Tolerance: a batch split over processes is padded differently and summed in another order, so results agree to
 float32 rounding, not bit for bit: 2e-4 relative (+1e-5 absolute) on metrics, 1e-4 absolute on weights after the
@@ -122,7 +123,8 @@ def stage_overrides(d: Path) -> dict[str, dict]:
                 "reward.whiten": "center",
                 "rewards": [{"name": "rm", "model": str(d / "rm"), "weight": 1.0},
                             {"name": "short", "rule": "length_penalty", "params": {"max_words": 2}, "weight": 0.5}],
-                "eval.rewards": [{"name": "short", "rule": "length_penalty", "params": {"max_words": 2}}]},
+                "eval.rewards": [{"name": "short", "rule": "length_penalty", "params": {"max_words": 2}}],
+                "train.save_every": 1},
     }
 
 
@@ -138,33 +140,44 @@ def write_pipeline(d: Path, out: Path, split: dict[str, dict], path: Path) -> Pa
     return path
 
 
-def command(processes: int, *args: str) -> list[str]:
-    if processes == 1:
+# how each compared run is launched: (processes, the shipped accelerate config)
+LAUNCHES = {"one": (1, None), "ddp": (2, "ddp"), "fsdp": (2, "fsdp"), "fsdp-1": (1, "fsdp")}
+
+
+def command(launch: str, *args: str) -> list[str]:
+    processes, engine = LAUNCHES[launch]
+    if engine is None:
         return [sys.executable, "-m", "rlhf.cli", *args]
     with socket.socket() as sock:  # a free rendezvous port: other jobs on the machine may hold accelerate's 29500
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-            "--num_processes", str(processes), "--main_process_port", str(port), "-m", "rlhf.cli", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs/accelerate" / f"{engine}.yaml"), "--num_processes", str(processes),
+            "--main_process_port", str(port), "-m", "rlhf.cli", *args]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RLHF_COMPILE": "0"}
 
 
-def run(processes: int, *args: str) -> str:
-    proc = subprocess.run(command(processes, *args), cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
+def split_of(launch: str) -> dict[str, dict]:
+    return ONE_PROCESS if LAUNCHES[launch][0] == 1 else TWO_PROCESSES
+
+
+def run(launch: str, *args: str) -> str:
+    proc = subprocess.run(command(launch, *args), cwd=ROOT, capture_output=True, text=True, timeout=900, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def runs(inputs, tmp_path_factory) -> dict[int, Path]:
-    """The pipeline's output directory after a one-process and a two-process run."""
+def runs(inputs, tmp_path_factory) -> dict[str, Path]:
+    """The pipeline's output directory after each launch: one process, two under DDP, two under FSDP2."""
     tmp = tmp_path_factory.mktemp("mp-runs")
-    out = {}
-    for processes, split in ((1, ONE_PROCESS), (2, TWO_PROCESSES)):
-        out[processes] = tmp / f"p{processes}"
-        run(processes, "run", str(write_pipeline(inputs, out[processes], split, tmp / f"p{processes}.yaml")))
+    out, printed = {}, {}
+    for launch in ("one", "ddp", "fsdp"):
+        out[launch] = tmp / launch
+        printed[launch] = run(launch, "run", str(write_pipeline(inputs, out[launch], split_of(launch), tmp / f"{launch}.yaml")))
+    assert "FSDP2 on CPU" in printed["fsdp"] and "FSDP2 on CPU" not in printed["ddp"], "FSDP ran as FSDP, not as DDP"
     return out
 
 
@@ -176,36 +189,39 @@ def close(a: float, b: float) -> bool:
     return abs(a - b) <= ATOL + RTOL * abs(a)
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 @pytest.mark.parametrize("stage", list(COMPARED))
-def test_two_processes_match_one(runs, stage):
-    one, two = train_rows(runs[1] / stage), train_rows(runs[2] / stage)
+def test_two_processes_match_one(runs, stage, engine):
+    one, two = train_rows(runs["one"] / stage), train_rows(runs[engine] / stage)
     assert one and sorted(one) == sorted(two), "the same steps are logged, once (by the main process)"
     mismatches = [(step, key, one[step][key], two[step][key]) for step in one for key in COMPARED[stage]
                   if key in one[step] and not close(one[step][key], two[step][key])]
     assert not mismatches, mismatches
     assert all(key in one[max(one)] for key in COMPARED[stage]), set(COMPARED[stage]) - set(one[max(one)])
 
-    final_one, final_two = read_manifest(runs[1] / stage)["metrics"], read_manifest(runs[2] / stage)["metrics"]
+    final_one, final_two = read_manifest(runs["one"] / stage)["metrics"], read_manifest(runs[engine] / stage)["metrics"]
     evals = [k for k in final_one if k.startswith("eval/")]
     assert evals and {k for k in final_two if k.startswith("eval/")} == set(evals)
     assert [k for k in evals if not close(final_one[k], final_two[k])] == []
 
-    weights_one, weights_two = load_file(runs[1] / stage / "model.safetensors"), load_file(runs[2] / stage / "model.safetensors")
+    # the final model is saved whole, in the same HF layout, whatever the engine
+    weights_one, weights_two = load_file(runs["one"] / stage / "model.safetensors"), load_file(runs[engine] / stage / "model.safetensors")
+    assert set(weights_one) == set(weights_two) and all(weights_two[k].shape == weights_one[k].shape for k in weights_one)
     worst = max(float((weights_one[k] - weights_two[k]).abs().max()) for k in weights_one)
     assert worst <= WEIGHT_ATOL, worst
-    assert read_manifest(runs[2] / stage)["fingerprint"] == read_manifest(runs[1] / stage)["fingerprint"], \
+    assert read_manifest(runs[engine] / stage)["fingerprint"] == read_manifest(runs["one"] / stage)["fingerprint"], \
         "the same global batch is the same config, however it is split"
 
 
 def test_gold_evaluation_is_sharded_not_repeated(runs):
     """Each process generates half of the eval batches: the two-process sft stage's eval sees every prompt once."""
-    one = [r for r in read_metrics(runs[1] / "sft") if "eval/gold_score" in r]
-    two = [r for r in read_metrics(runs[2] / "sft") if "eval/gold_score" in r]
+    one = [r for r in read_metrics(runs["one"] / "sft") if "eval/gold_score" in r]
+    two = [r for r in read_metrics(runs["ddp"] / "sft") if "eval/gold_score" in r]
     assert len(one) == len(two) == 2 and all(a["eval/sampled/k"] == b["eval/sampled/k"] == 2 for a, b in zip(one, two))
 
 
 def test_eval_stage_scores_every_prompt_once_over_two_processes(runs):
-    one, two = (json.loads((runs[p] / "eval" / "results.json").read_text()) for p in (1, 2))
+    one, two = (json.loads((runs[launch] / "eval" / "results.json").read_text()) for launch in ("one", "ddp"))
     assert one["per_prompt"] == two["per_prompt"] and len(one["per_prompt"]["grpo"]["greedy"]) == 6
     assert one["comparisons"] == two["comparisons"]
 
@@ -225,28 +241,41 @@ def kill_at_first_checkpoint(cmd: list[str], out: Path) -> None:
     assert read_manifest(out)["status"] == "running", "a killed stage must not look complete"
 
 
-@pytest.mark.parametrize("stage,first,then", [("sft", 2, 1), ("sft", 1, 2), ("grpo", 2, 1)],
-                         ids=["sft-2-to-1", "sft-1-to-2", "grpo-2-to-1"])
+@pytest.mark.parametrize("stage,first,then", [("sft", "ddp", "one"), ("sft", "one", "ddp"), ("grpo", "ddp", "one"),
+                                               ("sft", "fsdp", "fsdp-1"), ("ppo", "fsdp", "fsdp")],
+                         ids=["sft-ddp-to-1", "sft-1-to-ddp", "grpo-ddp-to-1", "sft-fsdp-to-fsdp-1", "ppo-fsdp-to-fsdp"])
 def test_checkpoint_resumes_on_another_process_count(inputs, runs, tmp_path, stage, first, then):
-    """A stage killed at its first checkpoint on `first` processes, resumed on `then` with the same global batch:
+    """A stage killed at its first checkpoint under launch `first`, resumed under `then` with the same global batch:
     it continues from the checkpoint and ends where an uninterrupted run ends."""
     settings = stage_overrides(inputs)[stage]
-    split = {1: ONE_PROCESS, 2: TWO_PROCESSES}
 
-    def args(processes):
-        return [stage, *(f"{k}={json.dumps(v)}" for k, v in {**settings, **split[processes][stage]}.items()),
+    def args(launch):
+        return [stage, *(f"{k}={json.dumps(v)}" for k, v in {**settings, **split_of(launch)[stage]}.items()),
                 f"output_dir={tmp_path / stage}", "seed=0", "tracking.mode=disabled"]
 
     kill_at_first_checkpoint(command(first, *args(first)), tmp_path / stage)
     printed = run(then, *args(then))
     assert f"resuming {stage} from step-" in printed
-    resumed, straight = train_rows(tmp_path / stage), train_rows(runs[1] / stage)
+    resumed, straight = train_rows(tmp_path / stage), train_rows(runs["one"] / stage)
     assert sorted(resumed) == sorted(straight)
     assert all(close(straight[s]["loss/total"], resumed[s]["loss/total"]) for s in straight), (straight, resumed)
     assert read_manifest(tmp_path / stage)["status"] == "complete"
 
 
-# -- engines that cannot be run here (no GPU, no DeepSpeed): the shipped configs and the refusals ------------------
+def test_a_sharded_checkpoint_resumed_without_fsdp_says_how_in_one_line(inputs, tmp_path):
+    """FSDP's checkpoints are sharded (torch.distributed.checkpoint): resuming one on a launch without FSDP names the
+    launch that can, instead of failing deep inside accelerate."""
+    settings = {**stage_overrides(inputs)["sft"], **ONE_PROCESS["sft"]}
+    args = ["sft", *(f"{k}={json.dumps(v)}" for k, v in settings.items()), f"output_dir={tmp_path / 'sft'}", "seed=0",
+            "tracking.mode=disabled"]
+    kill_at_first_checkpoint(command("fsdp-1", *args), tmp_path / "sft")
+    proc = subprocess.run(command("one", *args), cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "it was saved sharded by FSDP; launch it with an FSDP accelerate config" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- the shipped engine configs and what each refuses --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
