@@ -28,6 +28,10 @@ def make_accelerator(train, seed: int):
     from accelerate.utils import set_seed
 
     state = process_state()
+    if state.device.type == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # accelerate ignores DeepSpeed on CPU and runs plain DDP: refuse rather than report ZeRO that never ran
+        raise UserError("DeepSpeed runs on GPUs here (on CPU accelerate would run plain DDP under its name): launch "
+                        "with configs/accelerate/fsdp.yaml to shard on CPU, or configs/accelerate/ddp.yaml")
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     # step_scheduler_with_optimizer=False: accelerate otherwise steps a prepared scheduler once per process at every

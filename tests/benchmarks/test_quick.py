@@ -4,7 +4,7 @@ only that they are there and positive.
 
 Each run is a subprocess (the scripts set their own thread and OpenMP settings before importing torch) and takes
 about 15-55 s on the 2-core development machine under a load average of 5-8; bench_grpo.py's quick run took 53-67 s
-there, so it is marked slow (run it with `pytest -m slow tests/benchmarks`).
+there and bench_fsdp_memory.py's (three launches) 45 s, so they are marked slow (run them with `pytest -m slow tests/benchmarks`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ RESULT_LINES = {
     "bench_reward.py": rf"^ratio ours/TRL pairs/s: {NUMBER} wall, {NUMBER} per CPU-s",
     "bench_grpo.py": rf"^ratio ours/TRL samples/s: {NUMBER} wall, {NUMBER} per CPU-s",
     "bench_ppo.py": rf"^ratio ppo_lora/sft_lora peak RSS: {NUMBER}",
+    "bench_fsdp_memory.py": rf"^\| demo nano pretrain \| 2 processes FSDP2 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|",
     # no peer: the pipeline's result is an absolute time
     "bench_pipeline.py": rf"^total demo pipeline \(--quick\): {NUMBER} s in stages, {NUMBER} s process",
 }
 
 # quick runs over a minute on the loaded 2-core machine: `slow`, outside the default `-m "not slow"` suite
-SLOW = {"bench_grpo.py"}
+SLOW = {"bench_grpo.py", "bench_fsdp_memory.py"}
 # benchmark scripts without a --quick smoke run yet (each should get one, and an entry above)
 NO_QUICK_YET = {"bench_collect.py"}
 

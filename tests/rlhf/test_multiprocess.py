@@ -318,3 +318,15 @@ def test_engines_refuse_what_they_cannot_do_in_one_line():
     from rlhf.config import RLSettings
 
     assert rl_micro_batches(RLSettings(prompts_per_step=4, minibatches=2, micro_batch_size=3), n=4) == 3  # 8 rows / 3
+
+
+def test_deepspeed_on_cpu_is_refused_not_run_as_ddp(monkeypatch):
+    """accelerate files a DeepSpeed launch on a machine without a GPU as plain multi-CPU DDP; a stage must not log
+    ZeRO numbers that DDP produced."""
+    from rlhf.config import TrainSettings
+    from rlhf.distributed import make_accelerator
+    from rlhf.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed runs on GPUs here .* launch with configs/accelerate/fsdp.yaml"):
+        make_accelerator(TrainSettings(), seed=0)
