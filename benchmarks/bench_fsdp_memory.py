@@ -28,7 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / "models" / "smollm2-135m-instruct"
 # (processes, accelerate config); one process runs without accelerate launch
-LAUNCHES = {"1 process": (1, None), "2 processes DDP": (2, "ddp"), "2 processes FSDP2": (2, "fsdp")}
+LAUNCHES = {"1 process": (1, None), "2 processes DDP": (2, "ddp"), "2 processes DDP, FSDP's malloc setting": (2, "ddp"),
+            "2 processes FSDP2": (2, "fsdp")}
+# under FSDP on CPU rlhf fixes glibc's mmap threshold (rlhf.distributed._return_large_frees_to_the_os): the same
+# setting for DDP, through glibc's environment variable, shows what is the engine's and what the allocator's
+MALLOC = {"2 processes DDP, FSDP's malloc setting": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
 def workloads(quick: bool) -> dict[str, tuple[str, str, dict, dict]]:
@@ -69,10 +73,11 @@ def command(processes: int, engine: str | None, args: list[str]) -> list[str]:
             "--main_process_port", str(port), *cli]
 
 
-def measure(stage: str, config: str, overrides: dict, out: Path, processes: int, engine: str | None) -> dict:
+def measure(stage: str, config: str, overrides: dict, out: Path, processes: int, engine: str | None,
+            extra_env: dict) -> dict:
     args = [stage, config, *(f"{k}={json.dumps(v)}" for k, v in overrides.items()), f"output_dir={out}",
             "tracking.mode=disabled", "--overwrite"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes), "OMP_WAIT_POLICY": "PASSIVE", "RLHF_COMPILE": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes), "OMP_WAIT_POLICY": "PASSIVE", "RLHF_COMPILE": "0", **extra_env}
     proc = subprocess.run(command(processes, engine, args), cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{stage} on {processes} process(es) {engine or ''} failed:\n{proc.stderr[-3000:]}")
@@ -95,7 +100,8 @@ def main() -> None:
             results = {}
             for launch, (processes, engine) in LAUNCHES.items():
                 results[launch] = measure(stage, config, {**overrides, **split[processes]},
-                                          Path(tmp) / f"{stage}-{processes}-{engine}", processes, engine)
+                                          Path(tmp) / f"{stage}-{len(results)}", processes, engine,
+                                          MALLOC.get(launch, {}))
                 assert results[launch]["fsdp"] == (engine == "fsdp"), f"{launch} did not run the engine it names"
             ddp = results["2 processes DDP"]["peak_rss_gb"]
             for launch, r in results.items():

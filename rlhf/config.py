@@ -132,6 +132,17 @@ class SamplingSettings(Section):
                        "the sampling distribution then differs slightly from the fp32 log-probs trained on)")
 
 
+class AsyncSettings(Section):
+    """`rl.asynchronous`: sample in a separate worker process, at most `max_staleness` updates behind the trainer
+    (`rlhf.async_rollouts`)."""
+
+    max_staleness: int = Field(1, ge=0, description="k: step s samples with the weights of step s − k (0 = synchronous)")
+    importance_cap: float = Field(2.0, gt=0.0, description="truncate π_prox / π_behav of stale samples at this (TIS)")
+    worker_threads: int = Field(1, ge=1, description="torch threads of the rollout worker")
+    timeout_seconds: float = Field(600.0, gt=0.0, description="a worker silent this long on one rollout counts as hung")
+    max_restarts: int = Field(2, ge=0, description="restart a dead worker this many times before the stage stops")
+
+
 class RLSettings(Section):
     """The shape of one RL step: rollout size, update epochs (μ) and minibatches, micro-batches for memory."""
 
@@ -139,6 +150,8 @@ class RLSettings(Section):
     epochs: int = Field(1, ge=1, description="μ: passes over each rollout (> 1 reuses it off-policy with the clipped ratio)")
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch; the rollout is split into this many shuffled parts")
     micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward pass (gradient accumulation inside a minibatch)")
+    asynchronous: AsyncSettings | None = Field(
+        None, description="grpo: sample in a worker process with weights up to max_staleness steps old (null = in the loop)")
 
 
 class TrackingSettings(Section):

@@ -119,6 +119,12 @@ def sample_experience(policy, scorer, records: Sequence[dict], sampling: Samplin
                 backend=sampling.backend, bf16=sampling.bf16, first_prompt=first_prompt,
                 images=images_for(records, getattr(policy, "image_inputs", None)),
             )
+    return score_rollout(rollout, scorer, records, timings)
+
+
+def score_rollout(rollout, scorer, records: Sequence[dict], timings: dict[str, float] | None = None) -> Experience:
+    """A sampled rollout's experience: scored by `scorer` against its prompt `records`; no fixed targets yet."""
+    timings = {} if timings is None else timings
     with _timed(timings, "score"):
         scores = scorer.score_rollout(rollout, list(records))
     device = rollout.response_ids.device

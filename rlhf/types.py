@@ -90,6 +90,7 @@ class Experience:
     values: torch.Tensor | None = None  # (B, T) float: V(state before each token) from the critic (PPO)
     advantages: torch.Tensor | None = None  # (B,) or (B, T) float: filled by the recipe's estimator
     returns: torch.Tensor | None = None  # (B, T) float: value targets (PPO)
+    is_weights: torch.Tensor | None = None  # (B, T) float: min(π_prox / π_behav, cap) of a stale rollout (async)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds (generate, score, reference, values)
 
     def __len__(self) -> int:

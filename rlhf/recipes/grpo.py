@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from rlhf.async_rollouts import RolloutWorker, importance_weights
 from rlhf.advantages import (
     fixed_score_without_eos, group_normalized, kl_shaped_rewards, make_kl_controller, reinforce_pp, rloo,
 )
@@ -42,7 +43,8 @@ from rlhf.recipes.rl_settings import (
     KLSettings, PromptData, RewardShaping, RLEvalSettings, check_step_shape, rl_micro_batches,
 )
 from rlhf.rollout import (
-    add_fixed_targets, log_samples, rollout_metrics, sample_experience, step_seed, update_plan, updates_per_step,
+    add_fixed_targets, log_samples, rollout_metrics, sample_experience, score_rollout, step_seed, update_plan,
+    updates_per_step,
 )
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
@@ -142,6 +144,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 5. resume: weights, optimizer, scheduler, RNG and β; prompts and sampling seeds are functions of the step -------
     start, counters, timer = resume_state(accelerator, ctx)
     kl_ctl = make_kl_controller(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon, counters.pop("kl", None))
+    worker = _start_worker(cfg, accelerator, policy, records, start)
 
     def evaluate() -> dict[str, float]:
         if not eval_records:
@@ -153,14 +156,55 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 6. the loop -----------------------------------------------------------------------------------------------
     model.train(not cfg.disable_dropout)  # eval mode = no dropout: the update sees the function that sampled
     metrics: dict[str, float] = {}
+    try:
+        _loop(cfg, ctx, accelerator, policy, records, scorer, optimizer, scheduler, kl_ctl, start, counters, timer,
+              evaluate, metrics, worker, adv_name=adv_name, scale=scale, agg=agg, kl_in_reward=kl_in_reward,
+              beta_on=beta_on, all_reduce=all_reduce)
+    finally:
+        if worker is not None:
+            worker.close()
+
+    # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
+    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps, merged=cfg.save_merged)
+
+
+def _start_worker(cfg: Config, accelerator, policy, records, start: int) -> RolloutWorker | None:
+    """`rl.asynchronous`: the rollout worker process, sampling from step `start` with the current weights."""
+    settings = cfg.rl.asynchronous
+    if settings is None:
+        return None
+    if accelerator.num_processes > 1:
+        raise UserError("config key 'rl.asynchronous' runs one trainer process with one rollout worker: launch without "
+                        "accelerate's multi-process config, or set rl.asynchronous: null")
+    if cfg.loss.dynamic_sampling:
+        raise UserError("config key 'rl.asynchronous' cannot refill a batch (loss.dynamic_sampling): set one of them off")
+    return RolloutWorker(policy.unwrapped(accelerator), records, cfg.sampling, settings, seed=cfg.seed,
+                         prompts_per_step=cfg.rl.prompts_per_step, start=start, max_steps=cfg.train.max_steps)
+
+
+def _loop(cfg: Config, ctx, accelerator, policy, records, scorer, optimizer, scheduler, kl_ctl, start, counters, timer,
+          evaluate, metrics, worker, *, adv_name, scale, agg, kl_in_reward, beta_on, all_reduce) -> None:
+    model = policy.model
     for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
         # 6.1 rollout: P prompts × G completions, scored; old / reference log-probs in the first epoch's micro-batches
         plan = update_plan(cfg.seed, step, cfg.rl.prompts_per_step * cfg.sampling.n, cfg.rl)
         bare = policy.unwrapped(accelerator)
-        exp, rounds, zero_std_frac = _rollout(cfg, step, records, bare, scorer, accelerator)
+        if worker is None:
+            exp, rounds, zero_std_frac = _rollout(cfg, step, records, bare, scorer, accelerator)
+            behaviour, async_metrics = None, {}
+        else:
+            exp, behaviour, async_metrics = _worker_rollout(cfg, step, records, worker, scorer)
+            rounds, zero_std_frac = 1, _zero_std_frac(exp.scores, cfg.sampling.n)
         add_fixed_targets(exp, bare, temperature=cfg.sampling.temperature, micro_batches=sum(plan[0], []),
-                          old_logprobs=len(plan) * len(plan[0]) > 1 or kl_in_reward, reference=beta_on)
+                          old_logprobs=len(plan) * len(plan[0]) > 1 or kl_in_reward or behaviour is not None,
+                          reference=beta_on)
         mask = exp.response_mask
+        if behaviour is not None:  # stale samples: decoupled objective, π_old = π_prox (these weights), TIS weights
+            exp.is_weights = importance_weights(exp.old_logprobs, behaviour, mask, cfg.rl.asynchronous.importance_cap)
+            ratio = torch.exp(exp.old_logprobs - behaviour)[mask]
+            async_metrics.update({"async/is_weight_mean": float(exp.is_weights[mask].mean()),
+                                  "async/is_ratio_max": float(ratio.max()),
+                                  "async/is_capped_frac": float((ratio > cfg.rl.asynchronous.importance_cap).float().mean())})
         loss_mask = mask & exp.rollout.ended[:, None] if cfg.loss.mask_truncated else mask
 
         # 6.2 advantages (the estimators are pure functions; the KL goes into the reward or into the loss) ----------
@@ -201,6 +245,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 sums.end_minibatch({"train/grad_norm": norm})
         update_seconds = time.perf_counter() - update_started
 
+        if worker is not None:  # the worker may sample ahead with these weights while the step is logged and saved
+            worker.publish(policy.unwrapped(accelerator), step + 1)
+
         # 6.4 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
         if beta_on:  # the same β on every process: the KL over the global batch
             kl_ctl.update(float(accelerator.reduce(row_kl.mean(), "mean")), len(exp) * accelerator.num_processes)
@@ -216,6 +263,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             **sums.means(),  # means over the step's optimizer updates
             **sums.first_minibatch("train/ratio_mean", "train/approx_kl_old"),
             "perf/update_seconds": update_seconds,
+            **async_metrics,
         }
         if beta_on:
             step_metrics["train/kl"] = float(row_kl.mean())
@@ -226,8 +274,23 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                     evaluate=evaluate, state={"kl": kl_ctl.state_dict()})
         metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
 
-    # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
-    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps, merged=cfg.save_merged)
+
+def _zero_std_frac(scores: torch.Tensor, n: int) -> float:
+    groups = scores.view(-1, n)
+    return 1.0 - float(((groups.max(1).values - groups.min(1).values) > 1e-6).float().mean())
+
+
+def _worker_rollout(cfg: Config, step: int, records, worker: RolloutWorker, scorer):
+    """The worker's rollout of `step`, scored here: (experience, behaviour log-probs or None, async metrics)."""
+    waited = time.perf_counter()
+    item = worker.get(step)
+    wait = time.perf_counter() - waited
+    exp = score_rollout(item.rollout, scorer, [records[i] for i in item.prompt_indices],
+                        {"generate": item.seconds, "wait_for_worker": wait})
+    if cfg.reward.missing_eos_score is not None:
+        exp.scores = fixed_score_without_eos(exp.scores, exp.rollout.ended, cfg.reward.missing_eos_score)
+    return exp, item.behaviour_logprobs, {"async/staleness": float(step - item.version),
+                                          "async/worker_restarts": float(worker.restarts)}
 
 
 def _policy_loss(policy, part: Experience, loss_mask, cfg: Config, agg: str, normalizer, beta: float, kl_in_reward: bool):
@@ -236,6 +299,8 @@ def _policy_loss(policy, part: Experience, loss_mask, cfg: Config, agg: str, nor
     old = part.old_logprobs if part.old_logprobs is not None else out.logprobs.detach()  # on-policy: ratio exactly 1
     per_token, stats = clipped_surrogate(out.logprobs, old, part.advantages, loss_mask, eps_low=cfg.loss.eps_low,
                                          eps_high=cfg.loss.eps_high, ratio_level=cfg.loss.ratio_level)
+    if part.is_weights is not None:  # a stale rollout: each token's truncated importance weight (decoupled PPO)
+        per_token = per_token * part.is_weights
     policy_loss = aggregate(per_token, loss_mask, agg, normalizer, max_len=cfg.sampling.max_new_tokens)
     loss = policy_loss
     metrics = {"loss/policy": policy_loss.detach(), "train/entropy": masked_mean(out.entropy.detach(), part.response_mask),

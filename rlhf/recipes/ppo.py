@@ -150,6 +150,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     check_environment()
     accelerator = make_accelerator(cfg.train, cfg.seed)
     check_step_shape(cfg.rl, cfg.sampling, cfg.kl, processes=accelerator.num_processes)
+    if cfg.rl.asynchronous is not None:
+        raise UserError("config key 'rl.asynchronous' is grpo's (ppo samples in the loop): set rl.asynchronous: null")
     check_engine(accelerator, micro_batches=rl_micro_batches(cfg.rl, cfg.sampling.n), generates="ppo's rollouts",
                  merges="save_merged" if cfg.save_merged and cfg.model.lora else None)
     beta_on = cfg.kl.beta > 0

@@ -27,6 +27,7 @@ RESULT_LINES = {
     "bench_reward.py": rf"^ratio ours/TRL pairs/s: {NUMBER} wall, {NUMBER} per CPU-s",
     "bench_grpo.py": rf"^ratio ours/TRL samples/s: {NUMBER} wall, {NUMBER} per CPU-s",
     "bench_ppo.py": rf"^ratio ppo_lora/sft_lora peak RSS: {NUMBER}",
+    "bench_async.py": rf"^ratio async/sync samples/s: {NUMBER} wall",
     "bench_fsdp_memory.py": rf"^\| demo nano pretrain \| 2 processes FSDP2 \| {NUMBER} \| {NUMBER} \| {NUMBER} \|",
     # no peer: the pipeline's result is an absolute time
     "bench_pipeline.py": rf"^total demo pipeline \(--quick\): {NUMBER} s in stages, {NUMBER} s process",
