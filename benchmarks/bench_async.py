@@ -40,7 +40,7 @@ def run_ours(model_dir: Path, prompts: Path, out: Path, shape, warmup: int, step
 
 def run_trl(model_dir: Path, prompts: Path, out: Path, shape, warmup: int, steps: int) -> dict:
     torch.set_num_threads(2)
-    result = bench_grpo.run_trl(model_dir, prompts, out, shape, warmup, steps)
+    result = bench_grpo.quietly(bench_grpo.run_trl)(model_dir, prompts, out, shape, warmup, steps)
     return {"samples_per_s": result["samples_per_s"], "step_seconds": result["step_seconds"]}
 
 

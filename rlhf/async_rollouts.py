@@ -14,7 +14,6 @@ stale behaviour policy that sampled (`importance_weights`); a fresh rollout (sta
 
 from __future__ import annotations
 
-import copy
 import os
 import pickle
 import queue
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.multiprocessing as mp
-from rlhf.config import AsyncSettings, SamplingSettings
+
+from rlhf.config import AsyncSettings, ModelSettings, SamplingSettings
 
 
 @dataclass
@@ -52,15 +52,22 @@ def prompt_indices(n_records: int, prompts_per_step: int, step: int, seed: int) 
     return micro_batch_indices(n_records, prompts_per_step, step, seed, 0, 1)
 
 
-def _sampling_loop(policy, records, sampling: SamplingSettings, seed: int, prompts_per_step: int, first: int,
-                   max_steps: int, staleness: int, threads: int, staging: dict, staged, loaded, out, trainer: int) -> None:
-    """The worker process: sample steps first .. max_steps − 1 in order, each with its version's weights. Returns
+def _sampling_loop(model: ModelSettings, records, sampling: SamplingSettings, seed: int, prompts_per_step: int,
+                   first: int, max_steps: int, staleness: int, threads: int, staging: dict, staged, loaded, out,
+                   trainer: int) -> None:
+    """The worker process: its own copy of the policy (built as the trainer built its own, then the trainer's
+    current trainable weights), then steps first .. max_steps − 1 in order, each with its version's weights. Returns
     when the trainer process is gone (a SIGKILLed stage leaves no worker behind)."""
+    from rlhf.policy import PolicyModel
     from rlhf.rollout import eval_mode, step_seed
     from rlhf.vision import images_for
 
     torch.set_num_threads(threads)
+    policy = PolicyModel.load(model, with_reference=False, seed=seed)
     params = dict(policy.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in staging.items():  # version `first`
+            params[name].copy_(tensor)
     for step in range(first, max_steps):
         target = max(first, step - staleness)
         while loaded.value < target:  # take every published version in order up to the one this step samples with
@@ -93,31 +100,28 @@ class RolloutWorker:
     weights after each update, `close()` at the end. A worker that dies is restarted from the trainer's current
     weights (those steps then sample fresh) up to `settings.max_restarts` times."""
 
-    def __init__(self, policy, records: list[dict], sampling: SamplingSettings, settings: AsyncSettings, *, seed: int,
-                 prompts_per_step: int, start: int, max_steps: int):
+    def __init__(self, policy, model: ModelSettings, records: list[dict], sampling: SamplingSettings,
+                 settings: AsyncSettings, *, seed: int, prompts_per_step: int, start: int, max_steps: int):
         self.settings, self.max_steps = settings, max_steps
         self._ctx = mp.get_context("spawn")  # fork after OpenMP has run can hang the child
-        self._args = dict(records=records, sampling=sampling, seed=seed, prompts_per_step=prompts_per_step,
+        # the worker loads `model` itself (a model pickled after its first forward carries unpicklable hooks)
+        self._args = dict(model=model, records=records, sampling=sampling, seed=seed, prompts_per_step=prompts_per_step,
                           max_steps=max_steps, staleness=settings.max_staleness, threads=settings.worker_threads)
-        self._names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
         self._staging = {n: p.detach().clone().share_memory_() for n, p in policy.model.named_parameters()
                          if p.requires_grad}
         self.restarts = 0
-        self._spawn(policy, start)
+        self._current = policy  # the trainer's policy: a restarted worker starts from its weights
+        self._spawn(start)
 
-    def _spawn(self, policy, first: int) -> None:
-        from rlhf.policy import PolicyModel
-
-        # the worker's own copy (no reference, no value head): it samples while the trainer changes the original
-        sampler = PolicyModel(copy.deepcopy(policy.model), policy.tokenizer, image_inputs=policy.image_inputs)
+    def _spawn(self, first: int) -> None:
+        """A worker sampling from step `first` with the weights in the staging buffer (version `first`)."""
         self._staged, self._loaded = self._ctx.Value("q", first), self._ctx.Value("q", first)
         self._out = self._ctx.Queue()
         self._process = self._ctx.Process(
             target=_sampling_loop, daemon=True, name="rlhf-rollout-worker",
-            kwargs=dict(policy=sampler, first=first, staging=self._staging, staged=self._staged, loaded=self._loaded,
-                        out=self._out, trainer=os.getpid(), **self._args))
+            kwargs=dict(first=first, staging=self._staging, staged=self._staged, loaded=self._loaded, out=self._out,
+                        trainer=os.getpid(), **self._args))
         self._process.start()
-        self._policy_for_restart = policy
 
     def _restart(self, step: int, why: str) -> None:
         if self.restarts >= self.settings.max_restarts:
@@ -127,7 +131,8 @@ class RolloutWorker:
         print(f"rollout worker {why} at step {step}: restarting it from the current weights "
               f"({self.restarts}/{self.settings.max_restarts})", flush=True)
         self._stop()
-        self._spawn(self._policy_for_restart, step)
+        self._copy_into_staging(self._current)
+        self._spawn(step)
 
     def get(self, step: int) -> WorkerRollout:
         """The rollout of `step` (blocks until the worker has sampled it)."""
@@ -150,21 +155,21 @@ class RolloutWorker:
     def publish(self, policy, version: int) -> None:
         """Hand the weights of `version` (the policy after `version` steps) to the worker, once it has loaded the
         version before; skipped when no remaining step samples with it."""
+        self._current = policy
         if version + self.settings.max_staleness >= self.max_steps:
             return
         while self._loaded.value < version - 1:
             if not self._process.is_alive():  # `get` restarts it, from these weights
                 return
             time.sleep(0.0005)
+        self._copy_into_staging(policy)
+        self._staged.value = version
+
+    def _copy_into_staging(self, policy) -> None:
         params = dict(policy.model.named_parameters())
         with torch.no_grad():
-            for name in self._names:
-                self._staging[name].copy_(params[name])
-        self._staged.value = version
-        self._policy_for_restart = policy
-
-    def alive_pid(self) -> int | None:
-        return self._process.pid if self._process.is_alive() else None
+            for name, tensor in self._staging.items():
+                tensor.copy_(params[name])
 
     def _stop(self) -> None:
         if self._process.is_alive():

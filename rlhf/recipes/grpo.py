@@ -178,7 +178,7 @@ def _start_worker(cfg: Config, accelerator, policy, records, start: int) -> Roll
                         "accelerate's multi-process config, or set rl.asynchronous: null")
     if cfg.loss.dynamic_sampling:
         raise UserError("config key 'rl.asynchronous' cannot refill a batch (loss.dynamic_sampling): set one of them off")
-    return RolloutWorker(policy.unwrapped(accelerator), records, cfg.sampling, settings, seed=cfg.seed,
+    return RolloutWorker(policy.unwrapped(accelerator), cfg.model, records, cfg.sampling, settings, seed=cfg.seed,
                          prompts_per_step=cfg.rl.prompts_per_step, start=start, max_steps=cfg.train.max_steps)
 
 

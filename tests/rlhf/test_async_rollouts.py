@@ -101,11 +101,12 @@ def test_importance_weights_are_truncated_and_masked():
 
 
 def _worker(policy_dir, **settings):
-    policy = PolicyModel.load(ModelSettings(path=str(policy_dir)), with_reference=False, seed=0)
+    model = ModelSettings(path=str(policy_dir))
+    policy = PolicyModel.load(model, with_reference=False, seed=0)
     records = [{"prompt": f"{a} + {a} ="} for a in range(6)]
     sampling = SamplingSettings(n=2, max_new_tokens=4)
-    return policy, RolloutWorker(policy, records, sampling, AsyncSettings(**settings), seed=0, prompts_per_step=2,
-                                 start=0, max_steps=4)
+    return policy, RolloutWorker(policy, model, records, sampling, AsyncSettings(**settings), seed=0,
+                                 prompts_per_step=2, start=0, max_steps=4)
 
 
 def test_a_dead_worker_is_restarted_from_the_current_weights_then_the_stage_stops(policy_dir, capsys):
