@@ -27,6 +27,7 @@ from typing import Any
 
 from rlhf import stage as stage_dir
 from rlhf.compare.config import BASE_EVAL_FILE, COMPLETIONS_FILE, PLAN_FILE
+from rlhf.compare.overoptimization import fit_gao, gao_curve
 from rlhf.tracking import METRICS_FILE
 
 REPORT_DIR = "report"
@@ -167,6 +168,47 @@ def _verdict(gold: list[tuple[float, float]], rm: dict[float, float], x: str, ba
     return f"gold {trend} {g0:.3f} → {g_end:.3f} (peak {g_peak:.3f} at {x_peak:.0f} {unit}){rm_text}", False
 
 
+def gold_gain_vs_distance(runs: list[RunResult], arm: str, x: str, base: dict) -> list[tuple[float, float]]:
+    """Every run of `arm`, every evaluation: (d = √KL(π‖π_ref) per sequence at that step, gold − the base's gold).
+    Empty without the base's gold score (the gain is measured from it)."""
+    if not _num(base.get("eval/gold_score")):
+        return []
+    g0 = float(base["eval/gold_score"])
+    pts = []
+    for r in runs:
+        if r.arm == arm and r.rows:
+            kl = dict(r.series("train/kl", x))
+            pts += [(math.sqrt(max(kl[s], 0.0)), g - g0) for s, g in r.series("eval/gold_score", x) if s in kl]
+    return pts
+
+
+def gao_fits(runs: list[RunResult], arms: list[str], x: str, base: dict) -> dict[str, dict]:
+    """Per arm: Gao et al.'s RL form d(α − β log d) fitted to the pooled seeds' gold gains, with the largest d
+    reached (`d_max`)."""
+    fits = {}
+    for arm in arms:
+        pts = gold_gain_vs_distance(runs, arm, x, base)
+        fit = fit_gao([d for d, _ in pts], [g for _, g in pts], "rl") if pts else None
+        if fit is not None:
+            fits[arm] = {**fit, "d_max": max(d for d, _ in pts)}
+    return fits
+
+
+def gao_findings(fits: dict[str, dict]) -> list[str]:
+    lines = []
+    for arm, f in fits.items():
+        text = (f"{arm}: gold gain against d = √KL fits d(α − β·log d) (Gao et al. 2023) with α {f['alpha']:.3f}, "
+                f"β {f['beta']:.3f} (RMSE {f['rmse']:.3f}, {f['points']} evaluations)")
+        if f["d_peak"] is None:
+            text += f": no peak (β ≤ 0), the gain still rising at the largest d reached, {f['d_max']:.2f}"
+        else:
+            where = "beyond" if f["d_peak"] > f["d_max"] else "within"
+            text += (f": fitted peak gain {f['gain_peak']:+.3f} at d {f['d_peak']:.2f} (KL {f['d_peak'] ** 2:.2f}), "
+                     f"{where} the largest d reached ({f['d_max']:.2f})")
+        lines.append(text + ".")
+    return lines
+
+
 def arm_summaries(plan: dict, runs: list[RunResult], summaries: list[dict]) -> list[dict]:
     arms: list[str] = []
     for r in runs:
@@ -256,7 +298,8 @@ def _ci_text(ci: dict) -> str:
 # Plots (matplotlib, Agg): mean over seeds and the min–max band per arm
 
 
-def _plots(runs: list[RunResult], arms: list[str], x: str, out: Path, base: dict) -> dict[str, Path]:
+def _plots(runs: list[RunResult], arms: list[str], x: str, out: Path, base: dict,
+           fits: dict[str, dict] | None = None) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,12 +383,20 @@ def _plots(runs: list[RunResult], arms: list[str], x: str, out: Path, base: dict
         pts = mean_pairs(arm, "train/kl", "train/reward")
         if pts:
             axes[1].scatter(*zip(*pts), color=colors[arm], s=14, alpha=0.75, label=arm)  # noisy per step: points
-        pts = mean_pairs(arm, "train/kl", "eval/gold_score")
-        if pts:
-            axes[2].plot(*zip(*pts), color=colors[arm], marker="o", ms=4, lw=2, label=arm)
+        pts = gold_gain_vs_distance(runs, arm, x, base)
+        if pts:  # every seed's evaluations, and Gao et al.'s fitted curve with its peak (◆)
+            axes[2].scatter(*zip(*pts), color=colors[arm], s=14, alpha=0.6, label=arm)
+            fit = (fits or {}).get(arm)
+            if fit is not None:
+                top = max(fit["d_max"], min(fit["d_peak"] or 0.0, 2 * fit["d_max"]))
+                ds = [top * i / 60 for i in range(61)]
+                axes[2].plot(ds, gao_curve(fit, ds), color=colors[arm], ls="--", lw=1.5)
+                if fit["d_peak"] is not None and fit["d_peak"] <= top:
+                    axes[2].plot([fit["d_peak"]], [fit["gain_peak"]], marker="D", color=colors[arm], mec="black", ms=7)
     labels = [("over-optimization: RM vs gold (■ base, ★ best)", "eval/rm_score", "eval/gold_score"),
               ("KL–reward frontier (every step)", "train/kl (per sequence)", "train/reward"),
-              ("gold score vs KL (every evaluation)", "train/kl (per sequence)", "eval/gold_score")]
+              ("gold gain vs √KL: d(α − β log d) fits (◆ peak)", "d = √KL(π‖π_ref) per sequence",
+               "eval/gold_score − base")]
     for ax, (title, xl, yl) in zip(axes, labels):
         ax.set_title(title)
         ax.set_xlabel(xl)
@@ -455,15 +506,18 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     arms = arm_summaries(plan, runs, summaries)
     arm_names = [a["arm"] for a in arms]
     found = findings(arms, unit)
+    fits = gao_fits(runs, arm_names, x, base)
+    found += gao_findings(fits)
     if _num(base.get("eval/gold_score")):
         rm_text = f", RM score {base['eval/rm_score']:.3f}" if _num(base.get("eval/rm_score")) else ""
         found.insert(0, f"The base checkpoint scores gold {base['eval/gold_score']:.3f}{rm_text} on the held-out prompts "
                         f"(every curve starts there, at 0 {unit}).")
     figdir = out / REPORT_DIR
     figdir.mkdir(exist_ok=True)
-    figures = _plots(runs, arm_names, x, figdir, base) if any(r.rows for r in runs) else {}
+    figures = _plots(runs, arm_names, x, figdir, base, fits) if any(r.rows for r in runs) else {}
     text = markdown_table(arms)
-    (out / "summary.json").write_text(json.dumps({"runs": summaries, "arms": arms, "findings": found}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"runs": summaries, "arms": arms, "findings": found,
+                                                  "gao_fits": fits}, indent=1))
     (out / "summary.md").write_text(text + "\n\n" + "\n".join(f"- {line}" for line in found) + "\n")
 
     budget = ", ".join(f"{v} {k}" for k, v in plan["budget"].items())

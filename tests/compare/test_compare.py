@@ -150,3 +150,4 @@ def test_rerun_skips_complete_runs_and_redoes_an_interrupted_one(tiny_comparison
     outcomes = {r["name"]: r["outcome"]["action"] for r in _plan(out)["runs"]}
     assert outcomes == {"grpo-seed0": "skipped", victim["name"]: "ran", "grpo-seed1": "skipped", "rloo-seed1": "skipped"}
     assert "| grpo | 2/2 |" in printed and "report: " in printed
+
