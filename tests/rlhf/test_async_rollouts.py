@@ -72,6 +72,7 @@ def test_staleness_zero_is_the_synchronous_loop_exactly(tmp_path, policy_dir, pr
     for step in sync:
         assert {k: sync[step][k] for k in COMPARED} == {k: asynchronous[step][k] for k in COMPARED}, step
         assert asynchronous[step]["async/staleness"] == 0 and "async/is_weight_mean" not in asynchronous[step]
+    assert asynchronous[1]["train/first_minibatch_ratio_mean"] == 1.0 and asynchronous[1]["train/kl"] == 0.0
     assert _samples(tmp_path / "sync" / "out") == _samples(tmp_path / "async" / "out"), "the same completions"
     a, b = load_file(tmp_path / "sync" / "out" / "model.safetensors"), load_file(tmp_path / "async" / "out" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -83,8 +84,11 @@ def test_stale_rollouts_are_weighted_logged_and_reproducible(tmp_path, policy_di
         run_stage("grpo", _cfg(tmp_path / run, policy_dir, prompts_file, **settings))
     first, second = _rows(tmp_path / "a" / "out"), _rows(tmp_path / "b" / "out")
     assert [first[s]["async/staleness"] for s in sorted(first)] == [0, 1, 2, 2], "step s samples with version max(0, s − k)"
+    assert first[1]["train/kl"] == 0.0, "step 0 samples with the reference's own weights"
     for step in (3, 4):
         assert 0 < first[step]["async/is_weight_mean"] <= 1.5 and first[step]["async/is_ratio_max"] > 0
+        # π_old = π_prox, recomputed over the first minibatch's own micro-batches: its ratio is exactly 1
+        assert first[step]["train/first_minibatch_ratio_mean"] == 1.0
         assert 0 <= first[step]["async/is_capped_frac"] <= 1
     assert all(math.isfinite(first[s]["loss/total"]) for s in first)
     same = COMPARED + ["async/staleness", "async/is_weight_mean", "async/is_ratio_max", "async/is_capped_frac"]
