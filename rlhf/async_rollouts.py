@@ -45,6 +45,15 @@ def importance_weights(prox_logprobs: torch.Tensor, behaviour_logprobs: torch.Te
     return ratio.clamp(max=cap) * mask
 
 
+def importance_stats(prox_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
+                     cap: float) -> dict[str, float]:
+    """What the logs show of a stale rollout's importance weights: their mean after truncation, the largest ratio
+    before it and the share of tokens truncated."""
+    ratio = torch.exp(prox_logprobs - behaviour_logprobs)[mask]
+    return {"async/is_weight_mean": float(importance_weights(prox_logprobs, behaviour_logprobs, mask, cap)[mask].mean()),
+            "async/is_ratio_max": float(ratio.max()), "async/is_capped_frac": float((ratio > cap).float().mean())}
+
+
 def prompt_indices(n_records: int, prompts_per_step: int, step: int, seed: int) -> list[int]:
     """The prompts of `step` (what the synchronous loop's first sampling round takes on one process)."""
     from rlhf.training import micro_batch_indices
@@ -65,9 +74,13 @@ def _sampling_loop(model: ModelSettings, records, sampling: SamplingSettings, se
     torch.set_num_threads(threads)
     policy = PolicyModel.load(model, with_reference=False, seed=seed)
     params = dict(policy.model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in staging.items():  # version `first`
+
+    @torch.no_grad()
+    def take_staged() -> None:
+        for name, tensor in staging.items():
             params[name].copy_(tensor)
+
+    take_staged()  # version `first`
     for step in range(first, max_steps):
         target = max(first, step - staleness)
         while loaded.value < target:  # take every published version in order up to the one this step samples with
@@ -75,9 +88,7 @@ def _sampling_loop(model: ModelSettings, records, sampling: SamplingSettings, se
                 if os.getppid() != trainer:
                     return
                 time.sleep(0.0005)
-            with torch.no_grad():
-                for name, tensor in staging.items():
-                    params[name].copy_(tensor)
+            take_staged()
             loaded.value = staged.value
         started = time.perf_counter()
         idx = prompt_indices(len(records), prompts_per_step, step, seed)
@@ -180,3 +191,9 @@ class RolloutWorker:
 
     def close(self) -> None:
         self._stop()
+
+    def __enter__(self) -> "RolloutWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

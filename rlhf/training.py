@@ -167,7 +167,9 @@ def usable_checkpoint(stage_dir: Path, quiet: bool = False) -> Path | None:
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG states; return the counters (step, samples, tokens...)."""
-    sharded = (Path(path) / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded state (torch.distributed.checkpoint)
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    sharded = (Path(path) / f"{FSDP_MODEL_NAME}_0").is_dir()  # FSDP's sharded state (torch.distributed.checkpoint)
     if sharded != is_fsdp(accelerator):
         how = ("launch it with an FSDP accelerate config (configs/accelerate/fsdp.yaml, any --num_processes)" if sharded
                else "launch it without FSDP (plain, or configs/accelerate/ddp.yaml)")

@@ -21,12 +21,13 @@ Steps: 1 accelerator → 2 policy (+ LoRA; reference = adapters off) → 3 promp
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from rlhf.async_rollouts import RolloutWorker, importance_weights
+from rlhf.async_rollouts import RolloutWorker, importance_stats, importance_weights
 from rlhf.advantages import (
     fixed_score_without_eos, group_normalized, kl_shaped_rewards, make_kl_controller, reinforce_pp, rloo,
 )
@@ -144,7 +145,6 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 5. resume: weights, optimizer, scheduler, RNG and β; prompts and sampling seeds are functions of the step -------
     start, counters, timer = resume_state(accelerator, ctx)
     kl_ctl = make_kl_controller(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon, counters.pop("kl", None))
-    worker = _start_worker(cfg, accelerator, policy, records, start)
 
     def evaluate() -> dict[str, float]:
         if not eval_records:
@@ -156,23 +156,104 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 6. the loop -----------------------------------------------------------------------------------------------
     model.train(not cfg.disable_dropout)  # eval mode = no dropout: the update sees the function that sampled
     metrics: dict[str, float] = {}
-    try:
-        _loop(cfg, ctx, accelerator, policy, records, scorer, optimizer, scheduler, kl_ctl, start, counters, timer,
-              evaluate, metrics, worker, adv_name=adv_name, scale=scale, agg=agg, kl_in_reward=kl_in_reward,
-              beta_on=beta_on, all_reduce=all_reduce)
-    finally:
-        if worker is not None:
-            worker.close()
+    with _start_worker(cfg, accelerator, policy, records, start) as worker:  # None: sampling in the loop
+        for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
+            # 6.1 rollout: P prompts × G completions, scored; old / reference log-probs in the first epoch's micro-batches
+            plan = update_plan(cfg.seed, step, cfg.rl.prompts_per_step * cfg.sampling.n, cfg.rl)
+            bare = policy.unwrapped(accelerator)
+            if worker is None:
+                exp, rounds, zero_std_frac = _rollout(cfg, step, records, bare, scorer, accelerator)
+                behaviour, async_metrics = None, {}
+            else:
+                exp, behaviour, async_metrics = _worker_rollout(cfg, step, records, worker, scorer)
+                rounds, zero_std_frac = 1, _zero_std_frac(exp.scores, cfg.sampling.n)
+            add_fixed_targets(exp, bare, temperature=cfg.sampling.temperature, micro_batches=sum(plan[0], []),
+                              old_logprobs=len(plan) * len(plan[0]) > 1 or kl_in_reward or behaviour is not None,
+                              reference=beta_on)
+            mask = exp.response_mask
+            if behaviour is not None:  # stale samples: decoupled objective, π_old = π_prox (these weights), TIS weights
+                exp.is_weights = importance_weights(exp.old_logprobs, behaviour, mask, cfg.rl.asynchronous.importance_cap)
+                async_metrics.update(importance_stats(exp.old_logprobs, behaviour, mask, cfg.rl.asynchronous.importance_cap))
+            loss_mask = mask & exp.rollout.ended[:, None] if cfg.loss.mask_truncated else mask
+
+            # 6.2 advantages (the estimators are pure functions; the KL goes into the reward or into the loss) ----------
+            seq_kl = kl_k1(exp.old_logprobs, exp.ref_logprobs, mask) if beta_on and exp.old_logprobs is not None else None
+            beta = kl_ctl.value
+            if adv_name == "reinforce_pp":
+                kl = seq_kl if seq_kl is not None else torch.zeros_like(mask, dtype=torch.float32)
+                exp.advantages, exp.returns = reinforce_pp(kl_shaped_rewards(exp.scores, kl, mask, beta), mask,
+                                                           all_reduce=all_reduce)
+            else:
+                rewards = exp.scores - beta * seq_kl.sum(-1) if kl_in_reward and seq_kl is not None else exp.scores
+                if adv_name == "rloo":
+                    exp.advantages = rloo(rewards, exp.rollout.prompt_index)
+                else:
+                    exp.advantages = group_normalized(rewards, exp.rollout.prompt_index, scale=scale, all_reduce=all_reduce)
+
+            # 6.3 μ epochs × minibatches of the clipped surrogate (+ β·KL in the loss), micro-batched -----------------
+            sums = MetricSums()
+            # KL(π_old‖π_ref) per row for the logs and the adaptive β: from the stored old log-probs, or (on-policy) from
+            # the first pass, whose log-probs are π_old's
+            row_kl = seq_kl.sum(-1) if seq_kl is not None else torch.zeros(len(exp), device=mask.device)
+            update_started = time.perf_counter()
+            for epoch, minibatches in enumerate(plan):
+                for micro in minibatches:
+                    # one global normalizer over the minibatch's micro-batches (and processes): accumulation = one batch
+                    normalizer = global_normalizer(accelerator, sum(
+                        aggregate_normalizer(loss_mask[m], agg, max_len=cfg.sampling.max_new_tokens) for m in micro))
+                    for i, rows in enumerate(micro):
+                        part = exp.select(rows)
+                        with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
+                            loss, stats, old = _policy_loss(policy, part, loss_mask[rows], cfg, agg, normalizer, beta, kl_in_reward)
+                            accelerator.backward(loss)
+                        if epoch == 0 and beta_on and seq_kl is None:
+                            row_kl[rows] = kl_k1(old, part.ref_logprobs, part.response_mask).sum(-1)
+                        sums.add(stats, 1 / len(micro))
+                    norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm,
+                                          loss=sums.current.get("loss/total"))
+                    sums.end_minibatch({"train/grad_norm": norm})
+            update_seconds = time.perf_counter() - update_started
+
+            if worker is not None:  # the worker may sample ahead with these weights while the step is logged and saved
+                worker.publish(bare, step + 1)
+
+            # 6.4 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
+            if beta_on:  # the same β on every process: the KL over the global batch
+                kl_ctl.update(float(accelerator.reduce(row_kl.mean(), "mean")), len(exp) * accelerator.num_processes)
+            tokens = int(mask.sum()) * accelerator.num_processes
+            counters["samples"] += len(exp) * accelerator.num_processes
+            counters["tokens"] += tokens
+            advantages = exp.advantages if exp.advantages.dim() == 2 else exp.advantages[:, None].expand_as(mask)
+            step_metrics = {
+                **rollout_metrics(exp, all_reduce),
+                "train/frac_zero_std_groups": zero_std_frac,
+                "train/advantage_abs": float(masked_mean(advantages.abs(), mask)),
+                "train/kl_coef": beta, "train/sampling_rounds": rounds, "train/lr": scheduler.get_last_lr()[0],
+                **sums.means(),  # means over the step's optimizer updates
+                **sums.first_minibatch("train/ratio_mean", "train/approx_kl_old"),
+                "perf/update_seconds": update_seconds,
+                **async_metrics,
+            }
+            if beta_on:
+                step_metrics["train/kl"] = float(row_kl.mean())
+                step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
+            if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
+                log_samples(ctx.tracker, exp, step + 1)
+            end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
+                        evaluate=evaluate, state={"kl": kl_ctl.state_dict()})
+            metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
+
 
     # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
     return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps, merged=cfg.save_merged)
 
 
-def _start_worker(cfg: Config, accelerator, policy, records, start: int) -> RolloutWorker | None:
-    """`rl.asynchronous`: the rollout worker process, sampling from step `start` with the current weights."""
+def _start_worker(cfg: Config, accelerator, policy, records, start: int):
+    """`rl.asynchronous`: the rollout worker process, sampling from step `start` with the current weights, as a
+    context that closes it; without it, a context holding None."""
     settings = cfg.rl.asynchronous
     if settings is None:
-        return None
+        return nullcontext()
     if accelerator.num_processes > 1:
         raise UserError("config key 'rl.asynchronous' runs one trainer process with one rollout worker: launch without "
                         "accelerate's multi-process config, or set rl.asynchronous: null")
@@ -180,99 +261,6 @@ def _start_worker(cfg: Config, accelerator, policy, records, start: int) -> Roll
         raise UserError("config key 'rl.asynchronous' cannot refill a batch (loss.dynamic_sampling): set one of them off")
     return RolloutWorker(policy.unwrapped(accelerator), cfg.model, records, cfg.sampling, settings, seed=cfg.seed,
                          prompts_per_step=cfg.rl.prompts_per_step, start=start, max_steps=cfg.train.max_steps)
-
-
-def _loop(cfg: Config, ctx, accelerator, policy, records, scorer, optimizer, scheduler, kl_ctl, start, counters, timer,
-          evaluate, metrics, worker, *, adv_name, scale, agg, kl_in_reward, beta_on, all_reduce) -> None:
-    model = policy.model
-    for step in progress(range(start, cfg.train.max_steps), total=cfg.train.max_steps, initial=start, desc=ctx.name):
-        # 6.1 rollout: P prompts × G completions, scored; old / reference log-probs in the first epoch's micro-batches
-        plan = update_plan(cfg.seed, step, cfg.rl.prompts_per_step * cfg.sampling.n, cfg.rl)
-        bare = policy.unwrapped(accelerator)
-        if worker is None:
-            exp, rounds, zero_std_frac = _rollout(cfg, step, records, bare, scorer, accelerator)
-            behaviour, async_metrics = None, {}
-        else:
-            exp, behaviour, async_metrics = _worker_rollout(cfg, step, records, worker, scorer)
-            rounds, zero_std_frac = 1, _zero_std_frac(exp.scores, cfg.sampling.n)
-        add_fixed_targets(exp, bare, temperature=cfg.sampling.temperature, micro_batches=sum(plan[0], []),
-                          old_logprobs=len(plan) * len(plan[0]) > 1 or kl_in_reward or behaviour is not None,
-                          reference=beta_on)
-        mask = exp.response_mask
-        if behaviour is not None:  # stale samples: decoupled objective, π_old = π_prox (these weights), TIS weights
-            exp.is_weights = importance_weights(exp.old_logprobs, behaviour, mask, cfg.rl.asynchronous.importance_cap)
-            ratio = torch.exp(exp.old_logprobs - behaviour)[mask]
-            async_metrics.update({"async/is_weight_mean": float(exp.is_weights[mask].mean()),
-                                  "async/is_ratio_max": float(ratio.max()),
-                                  "async/is_capped_frac": float((ratio > cfg.rl.asynchronous.importance_cap).float().mean())})
-        loss_mask = mask & exp.rollout.ended[:, None] if cfg.loss.mask_truncated else mask
-
-        # 6.2 advantages (the estimators are pure functions; the KL goes into the reward or into the loss) ----------
-        seq_kl = kl_k1(exp.old_logprobs, exp.ref_logprobs, mask) if beta_on and exp.old_logprobs is not None else None
-        beta = kl_ctl.value
-        if adv_name == "reinforce_pp":
-            kl = seq_kl if seq_kl is not None else torch.zeros_like(mask, dtype=torch.float32)
-            exp.advantages, exp.returns = reinforce_pp(kl_shaped_rewards(exp.scores, kl, mask, beta), mask,
-                                                       all_reduce=all_reduce)
-        else:
-            rewards = exp.scores - beta * seq_kl.sum(-1) if kl_in_reward and seq_kl is not None else exp.scores
-            if adv_name == "rloo":
-                exp.advantages = rloo(rewards, exp.rollout.prompt_index)
-            else:
-                exp.advantages = group_normalized(rewards, exp.rollout.prompt_index, scale=scale, all_reduce=all_reduce)
-
-        # 6.3 μ epochs × minibatches of the clipped surrogate (+ β·KL in the loss), micro-batched -----------------
-        sums = MetricSums()
-        # KL(π_old‖π_ref) per row for the logs and the adaptive β: from the stored old log-probs, or (on-policy) from
-        # the first pass, whose log-probs are π_old's
-        row_kl = seq_kl.sum(-1) if seq_kl is not None else torch.zeros(len(exp), device=mask.device)
-        update_started = time.perf_counter()
-        for epoch, minibatches in enumerate(plan):
-            for micro in minibatches:
-                # one global normalizer over the minibatch's micro-batches (and processes): accumulation = one batch
-                normalizer = global_normalizer(accelerator, sum(
-                    aggregate_normalizer(loss_mask[m], agg, max_len=cfg.sampling.max_new_tokens) for m in micro))
-                for i, rows in enumerate(micro):
-                    part = exp.select(rows)
-                    with accelerator.autocast(), sync_unless_last(accelerator, model, i, len(micro)):
-                        loss, stats, old = _policy_loss(policy, part, loss_mask[rows], cfg, agg, normalizer, beta, kl_in_reward)
-                        accelerator.backward(loss)
-                    if epoch == 0 and beta_on and seq_kl is None:
-                        row_kl[rows] = kl_k1(old, part.ref_logprobs, part.response_mask).sum(-1)
-                    sums.add(stats, 1 / len(micro))
-                norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.optim.max_grad_norm,
-                                      loss=sums.current.get("loss/total"))
-                sums.end_minibatch({"train/grad_norm": norm})
-        update_seconds = time.perf_counter() - update_started
-
-        if worker is not None:  # the worker may sample ahead with these weights while the step is logged and saved
-            worker.publish(policy.unwrapped(accelerator), step + 1)
-
-        # 6.4 β, counters, metrics, then the shared tail (log / eval / checkpoint) -------------------------------
-        if beta_on:  # the same β on every process: the KL over the global batch
-            kl_ctl.update(float(accelerator.reduce(row_kl.mean(), "mean")), len(exp) * accelerator.num_processes)
-        tokens = int(mask.sum()) * accelerator.num_processes
-        counters["samples"] += len(exp) * accelerator.num_processes
-        counters["tokens"] += tokens
-        advantages = exp.advantages if exp.advantages.dim() == 2 else exp.advantages[:, None].expand_as(mask)
-        step_metrics = {
-            **rollout_metrics(exp, all_reduce),
-            "train/frac_zero_std_groups": zero_std_frac,
-            "train/advantage_abs": float(masked_mean(advantages.abs(), mask)),
-            "train/kl_coef": beta, "train/sampling_rounds": rounds, "train/lr": scheduler.get_last_lr()[0],
-            **sums.means(),  # means over the step's optimizer updates
-            **sums.first_minibatch("train/ratio_mean", "train/approx_kl_old"),
-            "perf/update_seconds": update_seconds,
-            **async_metrics,
-        }
-        if beta_on:
-            step_metrics["train/kl"] = float(row_kl.mean())
-            step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
-        if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
-            log_samples(ctx.tracker, exp, step + 1)
-        end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
-                    evaluate=evaluate, state={"kl": kl_ctl.state_dict()})
-        metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
 
 
 def _zero_std_frac(scores: torch.Tensor, n: int) -> float:
@@ -335,7 +323,7 @@ def _rollout(cfg: Config, step: int, records, policy, scorer, accelerator):
         groups = exp.scores.view(-1, cfg.sampling.n)
         varied = (groups.max(1).values - groups.min(1).values) > 1e-6
         if rnd == 0:
-            zero_frac = 1.0 - float(varied.float().mean())
+            zero_frac = _zero_std_frac(exp.scores, cfg.sampling.n)
         if not cfg.loss.dynamic_sampling:
             return exp, rounds, zero_frac
         rows = torch.nonzero(varied.repeat_interleave(cfg.sampling.n)).flatten()
