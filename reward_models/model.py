@@ -256,6 +256,22 @@ class RewardModel(nn.Module):
             tok = AutoTokenizer.from_pretrained(path)
         return cls(hf, tok, backbone_kind(config), max_length=max_length)
 
+    def warm_start(self, path: str) -> None:
+        """Start from a trained reward model's weights (trunk and score head): the round-to-round refresh of
+        `rlhf loop`. Its architecture must be this model's; the auxiliary LM head stays the backbone's."""
+        if self._peft is not None:
+            raise UserError("config key 'model.warm_start' does not combine with model.lora (a LoRA reward model is "
+                            "saved merged); warm-start a full reward model, or train the LoRA one fresh")
+        previous = RewardModel.load(path, dtype=str(self.hf.dtype).removeprefix("torch."), max_length=self.max_length)
+        mine, theirs = self.hf.state_dict(), previous.hf.state_dict()
+        differing = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+        differing += [k for k in theirs if k not in mine]
+        if differing or previous.backbone != self.backbone:
+            raise UserError(f"config key 'model.warm_start': {path} is a reward model of another architecture than "
+                            f"model.path (first differing weight: {differing[0] if differing else 'the backbone kind'}); "
+                            "a reward model can only be warm-started from one on the same backbone")
+        self.hf.load_state_dict(theirs)
+
     @classmethod
     def _load_vision(cls, path: str, dtype: str, max_length: int) -> "RewardModel":
         """An image reward model: the vision-language model of the directory and its `REWARD_HEAD_FILE`."""

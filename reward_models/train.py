@@ -64,6 +64,10 @@ class RewardModelSettings(Section):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (merged on save) instead of all weights")
+    warm_start: str | None = Field(
+        None, description="a trained reward model (same backbone) whose trunk and score head this one starts from, "
+        "instead of a new head on `path`: `rlhf loop` refreshes each round's reward model this way"
+    )
     max_length: int = Field(128, ge=4, description="tokens per scored sequence; longer ones are truncated")
 
 
@@ -133,6 +137,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         cfg.model.path, tokenizer=cfg.model.tokenizer, backbone=cfg.model.backbone, dtype=cfg.model.dtype,
         lora=cfg.model.lora, with_lm_head=cfg.loss.lm_coef > 0, max_length=cfg.model.max_length,
     )
+    if cfg.model.warm_start:
+        rm.warm_start(cfg.model.warm_start)
     tokenizer = rm.tokenizer
     images = rm.image_inputs  # a vision-language backbone: every pair carries its prompt's image
     n_trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)

@@ -15,7 +15,7 @@ import threading
 from rlhf.errors import UserError
 
 # stages with their own command (`collect` is a command group of its own: serve, export, ...)
-CLI_STAGES = ("pretrain", "sft", "reward", "grpo", "ppo", "dpo", "eval")
+CLI_STAGES = ("pretrain", "sft", "reward", "grpo", "ppo", "dpo", "eval", "loop")
 
 
 def build_parser() -> argparse.ArgumentParser:

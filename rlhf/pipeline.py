@@ -43,6 +43,7 @@ STAGES: dict[str, str] = {
     "collect": "rlhf.collect.stage",
     "world": "rlhf.recipes.world",
     "vit": "rlhf.recipes.vit",
+    "loop": "rlhf.recipes.loop",
 }
 
 

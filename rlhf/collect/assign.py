@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, bindparam, func, select
 
 from rlhf.collect.settings import AssignmentSettings
-from rlhf.collect.storage import Store, assignments, decode_pair, open_regular_pairs, pairs, slots_taken
+from rlhf.collect.storage import (
+    Store, assignments, decode_pair, open_regular_pairs, pairs, servable_round, slots_taken,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ _PENDING = (
     select(assignments.c.id, assignments.c.pair_id, assignments.c.left)
     .where(assignments.c.annotator_id == _WHO)
     .where(assignments.c.completed.is_(False) & (assignments.c.issued_at > _CUTOFF))
+    .join(pairs, pairs.c.id == assignments.c.pair_id)
+    .where(servable_round())  # a pair of a closed round is no longer shown, even to whoever holds its lease
     .order_by(assignments.c.issued_at)
     .limit(1)
 )

@@ -76,10 +76,12 @@ def preference_rows(rows: list[dict], settings: ExportSettings) -> list[dict]:
             "annotators": sorted(r["annotator"] for r in group),
             "guidelines_versions": sorted({r["guidelines_version"] for r in group}),
             "images": first.get("images") or [],
+            "round": first.get("round"),
         })
-    if not any(r["images"] for r in out):  # a text-only export keeps its columns as they always were
-        for r in out:
-            del r["images"]
+    for column in ("images", "round"):  # a text-only export outside rounds keeps its columns as they always were
+        if not any(r[column] for r in out):
+            for r in out:
+                del r[column]
     return out
 
 

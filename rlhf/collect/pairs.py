@@ -167,6 +167,28 @@ class PolicyPairSource:
         return rollout.completions
 
 
+class RoundPairSource:
+    """Pairs from the checkpoint of the store's open round (`Store.open_round`): when a new round opens, the next
+    batch comes from its checkpoint, loaded then, so a serving app follows `rlhf loop` without a restart. Each pair
+    carries its round. With no round open, `next_batch` returns None: nothing to generate yet."""
+
+    def __init__(self, store: Store, cfg: CollectConfig):
+        self.store = store
+        self.cfg = cfg
+        self.round: tuple[int, str] | None = None
+        self._source: PolicyPairSource | None = None
+
+    def next_batch(self) -> list[NewPair] | None:
+        current = self.store.current_round()
+        if current is None:
+            return None
+        if current != self.round:
+            log.info("round %d: sampling pairs from %s", *current)
+            self._source = policy_source(self.cfg, [current[1]], seed=self.cfg.seed * 1_000 + current[0])
+            self.round = current
+        return [_replace(p, round=current[0]) for p in self._source.next_batch()]
+
+
 def _all_pairs(responses: list[str]) -> list[tuple[str, str]]:
     """Every pair of the distinct responses, in sample order: ["x", "y", "x", "z"] -> (x, y), (x, z), (y, z)."""
     distinct = list(dict.fromkeys(responses))
@@ -270,6 +292,8 @@ class PairFeeder:
         if self.store.count_open_pairs(self.overlap, self.lease_seconds) >= self.ready_ahead:
             return 0
         batch = self.source.next_batch()
+        if batch is None:  # a source with nothing to sample from yet (no round open)
+            return 0
         if not batch:
             self.exhausted = True
             return -1
@@ -308,10 +332,15 @@ def build_source(cfg: CollectConfig) -> PairSource:
     """The pair source a config describes (loads the policy checkpoints when it names them)."""
     if cfg.pairs.file:
         return FilePairSource(cfg.pairs.file)
+    return policy_source(cfg, cfg.pairs.checkpoints(), seed=cfg.seed)
+
+
+def policy_source(cfg: CollectConfig, checkpoints: list[str], seed: int) -> PolicyPairSource:
+    """Pairs sampled from `checkpoints` (one or two) on the config's prompt set."""
     from rlhf.data import load_prompts
     from rlhf.policy import PolicyModel
 
-    for path in cfg.pairs.checkpoints():
+    for path in checkpoints:
         if not Path(path).exists():
             raise UserError(f"policy checkpoint not found: {path} (train one first: `rlhf run configs/demo/pipeline.yaml`)")
     prompts = load_prompts(cfg.pairs.prompts)
@@ -320,18 +349,24 @@ def build_source(cfg: CollectConfig) -> PairSource:
         if not prompts:
             raise UserError(f"{cfg.pairs.prompts}: no prompt has task {cfg.pairs.task!r} (pairs.task)")
     prompts = prompts[: cfg.pairs.max_prompts]
-    policies = {path: PolicyModel.from_pretrained(path) for path in cfg.pairs.checkpoints()}
+    policies = {path: PolicyModel.from_pretrained(path) for path in checkpoints}
     from rlhf.data import prompt_text
     from rlhf.vision import check_image_prompts
 
     for path, policy in policies.items():  # image prompts need a vision-language policy, and the reverse
         check_image_prompts(prompts, policy.image_inputs, path, prompt_of=lambda r, p=policy: prompt_text(r, p.tokenizer))
-    return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=cfg.seed,
+    return PolicyPairSource(policies, prompts, cfg.pairs.generation, seed=seed,
                             samples_per_prompt=cfg.pairs.samples_per_prompt)
 
 
 def build_feeder(cfg: CollectConfig, store: Store, source: PairSource | None = None) -> PairFeeder:
     """A feeder for `cfg` (gold items from `gold.file` are stored right away)."""
+    if cfg.pairs.round is not None:
+        if not Path(cfg.pairs.policy).exists():
+            raise UserError(f"policy checkpoint not found: {cfg.pairs.policy} (pairs.policy of round {cfg.pairs.round})")
+        store.open_round(cfg.pairs.round, cfg.pairs.policy)
+    if source is None and (cfg.pairs.round is not None or cfg.pairs.follow_rounds):
+        source = RoundPairSource(store, cfg)
     if cfg.gold.file:
         store.add_pairs(read_gold_file(cfg.gold.file, seed=cfg.seed))
     gold = None

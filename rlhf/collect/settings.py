@@ -67,11 +67,28 @@ class PairSettings(Section):
     file: str | None = Field(
         None, description="jsonl of ready pairs (prompt, response_a, response_b[, source_a, source_b, task, meta])"
     )
+    round: int | None = Field(
+        None, ge=1, description="store the pairs as round N of an `rlhf loop` (sampled from `policy`), closing every "
+        "earlier round: its pairs stop being served and judgments of them are refused"
+    )
+    follow_rounds: bool = Field(
+        False, description="sample from the checkpoint of the database's open round (opened by `rlhf loop`), "
+        "picking up each new round's checkpoint without a restart; pairs.policy is then not needed"
+    )
     ready_ahead: int = Field(16, ge=1, description="keep this many pairs with open judgment slots generated ahead")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="sampling settings")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PairSettings":
+        if self.follow_rounds or self.round is not None:
+            if self.file or self.opponent:
+                raise ValueError("rounds sample one policy: pairs.round / pairs.follow_rounds take no pairs.file or "
+                                 "pairs.opponent")
+            if not self.prompts:
+                raise ValueError("rounds need pairs.prompts")
+            if self.round is not None and not self.policy:
+                raise ValueError("pairs.round needs pairs.policy (the checkpoint of that round)")
+            return self
         if bool(self.policy) == bool(self.file):
             raise ValueError("set exactly one of pairs.policy (with pairs.prompts) or pairs.file")
         if self.policy and not self.prompts:

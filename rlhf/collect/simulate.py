@@ -1,8 +1,10 @@
 """Simulated annotators (`rlhf.world.SimulatedAnnotator`: the demo world's gold scorer plus noise) judging through
 the same HTTP API people use, so simulation exercises the real server, assignment and storage paths.
 
-Each simulated annotator is a thread with its own token and HTTP client. They judge what they are shown, in the
-shown (left, right) order, so the position bias the admin page reports is measured, not assumed. An image prompt is
+Each simulated annotator is a thread with its own token and HTTP client. They judge what they are shown, and judge a
+pair the same whichever side each response is on (the noise is a function of annotator and pair), so a collection
+resumed after a kill makes the judgments an uninterrupted one makes; the position bias the admin page measures for
+them is zero up to noise. An image prompt is
 told apart by its image: the simulator downloads it from the page's image route, as a person sees it, and finds the
 record whose image file has those bytes.
 """
@@ -97,7 +99,6 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
     errors: list[str] = []
 
     def annotate(index: int, token: str) -> None:
-        judge = SimulatedAnnotator(temperature=settings.temperature, tie_rate=settings.tie_rate, seed=seed * 1000 + index)
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
             while time.monotonic() < deadline and not errors:
                 if not budget.claim():
@@ -123,12 +124,20 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
                                   "annotator can only judge prompts of the configured prompt/pair/gold files")
                     return
                 task, meta = task_meta
-                outcome = judge.judge(task, item["prompt"], item["left"], item["right"], meta)
+                # the noise of a judgment is a function of who judges which pair, not of the order things happened
+                # or were shown in, so a collection resumed after a kill (new tokens, a restarted server, other
+                # left/right draws) judges as an uninterrupted one
+                judge = SimulatedAnnotator(temperature=settings.temperature, tie_rate=settings.tie_rate,
+                                           seed=_item_seed(seed, index, item))
+                first, second = sorted((item["left"], item["right"]))
+                outcome = judge.judge(task, item["prompt"], first, second, meta)
+                if first != item["left"]:
+                    outcome = 1.0 - outcome
                 started = time.perf_counter()
                 sent = client.post("/api/judgments", json={"assignment_id": item["id"], "choice": SIDE_OF_OUTCOME[outcome]})
                 elapsed = time.perf_counter() - started
-                if sent.status_code == 409 and "lease ran out" in sent.text:
-                    budget.release()  # judged too slowly: the slot went to someone else, nothing was stored
+                if sent.status_code == 409 and ("lease ran out" in sent.text or "has closed" in sent.text):
+                    budget.release()  # judged too slowly (the slot went to someone else, or the round closed)
                     continue
                 if sent.status_code not in (200, 201):
                     errors.append(f"judgment refused with {sent.status_code}: {sent.text[:200]}")
@@ -157,6 +166,12 @@ def run_simulation(base_url: str, tokens: list[str], lookup: dict, settings: Sim
         "target reached" if budget.remaining <= 0 else "timeout" if time.monotonic() >= deadline else "no pairs left"
     )
     return result
+
+
+def _item_seed(seed: int, index: int, item: dict) -> int:
+    """A stable seed for annotator `index` judging the shown pair, whichever side each response is on."""
+    shown = json.dumps([seed, index, item["prompt"], *sorted((item["left"], item["right"]))], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(shown.encode()).digest()[:8], "big")
 
 
 def _log(message: str) -> None:

@@ -59,7 +59,7 @@ from rlhf.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SERVER_LOCK = 0x726C6866636F6C  # the PostgreSQL advisory lock a serving process holds (`Store.claim_server`)
 CHOICES = ("a", "b", "tie", "both_bad")  # canonical: relative to the stored response_a / response_b
 SIDES = ("left", "right", "tie", "both_bad")  # what an annotator clicks: relative to what they saw
@@ -114,6 +114,17 @@ pairs = Table(
     # Judgments stored for this pair, kept in step by `record_judgment` (same transaction). Lets the assigner look
     # only at pairs below the overlap (an index range) instead of recounting every pair ever stored.
     Column("judged", Integer, nullable=False, default=0, server_default="0"),
+    Column("round", Integer),  # the `rlhf loop` round the pair was sampled in; null = outside any round
+)
+
+rounds = Table(
+    # one row per `rlhf loop` round: pairs of a closed round are no longer served, and judgments of them are refused
+    "rounds",
+    metadata,
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("policy", String(512), nullable=False),  # the checkpoint the round's pairs are sampled from
+    Column("opened_at", Float, nullable=False),
+    Column("closed_at", Float),
 )
 
 assignments = Table(
@@ -168,7 +179,13 @@ def _migrate_2_to_3(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE pairs ADD COLUMN images TEXT")
 
 
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}  # version -> the function that brings it to the next
+def _migrate_3_to_4(conn: Connection) -> None:
+    """Schema 3 -> 4: rounds (a new table) and pairs.round (null for every pair stored before: outside any round)."""
+    conn.exec_driver_sql("ALTER TABLE pairs ADD COLUMN round INTEGER")
+    rounds.create(conn)
+
+
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}  # version -> the function that brings it to the next
 
 
 class UnknownAssignment(Exception):
@@ -177,6 +194,10 @@ class UnknownAssignment(Exception):
 
 class ConflictingJudgment(Exception):
     """The annotator already judged this pair differently; the first judgment stands."""
+
+
+class RoundClosed(Exception):
+    """The pair belongs to a round that has closed: its policy has been trained further since."""
 
 
 class SlotTaken(Exception):
@@ -205,6 +226,7 @@ class NewPair:
     gold_label: float | None = None
     uncertainty: float | None = None
     images: list[str] | None = None
+    round: int | None = None
 
     def unstorable(self) -> str | None:
         """Why this pair cannot be stored and served (a NUL or a lone surrogate somewhere), or None."""
@@ -288,7 +310,13 @@ def slots_taken(cutoff: float, exclude_assignment: str | None = None):
 def open_regular_pairs(overlap: int, cutoff: float):
     """WHERE clause: regular (non-gold) pairs with a free judgment slot. `judged < overlap` comes first so the
     database walks the `ix_pairs_open` range of unfinished pairs, not every pair ever stored."""
-    return pairs.c.gold_label.is_(None) & (pairs.c.judged < overlap) & (slots_taken(cutoff) < overlap)
+    return (pairs.c.gold_label.is_(None) & (pairs.c.judged < overlap) & (slots_taken(cutoff) < overlap)
+            & servable_round())
+
+
+def servable_round():
+    """WHERE clause: the pair is outside any round, or of the open one (a closed round's pairs are not served)."""
+    return pairs.c.round.is_(None) | pairs.c.round.in_(select(rounds.c.number).where(rounds.c.closed_at.is_(None)))
 
 
 # The credential lookups every request makes (no cache: revocation and sign-out take effect on the next request).
@@ -306,8 +334,10 @@ SESSION_LOOKUP = (
 
 # The statements of `record_judgment` and `count_open_pairs`, built once (see rlhf.collect.assign on why).
 _ASSIGNMENT = (
-    select(assignments.c.pair_id, assignments.c.left, assignments.c.issued_at, pairs.c.gold_label)
+    select(assignments.c.pair_id, assignments.c.left, assignments.c.issued_at, pairs.c.gold_label, pairs.c.round,
+           rounds.c.closed_at.label("round_closed_at"))
     .join(pairs, pairs.c.id == assignments.c.pair_id)
+    .outerjoin(rounds, rounds.c.number == pairs.c.round)
     .where((assignments.c.id == bindparam("assignment_id")) & (assignments.c.annotator_id == bindparam("annotator_id")))
 )
 _EXISTING = select(judgments.c.id, judgments.c.choice).where(
@@ -632,6 +662,7 @@ class Store:
                     "uncertainty": p.uncertainty,
                     "content_hash": h,
                     "created_at": now,
+                    "round": p.round,
                 }
                 for h, p in by_hash.items()
                 if h not in existing
@@ -704,6 +735,11 @@ class Store:
                 existing = self._existing_judgment(conn, asg.pair_id, annotator_id)
                 if existing is not None:
                     return self._as_duplicate(existing, choice, asg.left)
+                if asg.round_closed_at is not None:
+                    raise RoundClosed(
+                        f"round {asg.round} has closed (the policy that wrote this pair has been trained further), so "
+                        "this judgment was not stored; go on with the next pair, which comes from the new policy"
+                    )
                 cutoff = time.time() - lease_seconds if lease_seconds is not None else None
                 if cutoff is not None and asg.gold_label is None and asg.issued_at <= cutoff:
                     # A late judgment: its lease no longer held a slot. (A live lease always has its slot - the
@@ -813,6 +849,7 @@ class Store:
                 pairs.c.meta,
                 pairs.c.images,
                 pairs.c.gold_label,
+                pairs.c.round,
             )
             .join(pairs, pairs.c.id == judgments.c.pair_id)
             .join(annotators, annotators.c.id == judgments.c.annotator_id)
@@ -820,6 +857,43 @@ class Store:
         )
         with self.read() as conn:
             return [decode_pair(r) for r in conn.execute(query).mappings()]
+
+    # -- rounds (`rlhf loop`) -------------------------------------------------------------------------------------
+
+    def open_round(self, number: int, policy: str) -> None:
+        """Make round `number` (pairs sampled from `policy`) the open one, closing every other open round: their
+        pairs stop being served and judgments of them are refused. Reopening the open round is a no-op (a resumed
+        loop); a closed round stays closed."""
+        now = time.time()
+        with self.write() as conn:
+            row = conn.execute(select(rounds).where(rounds.c.number == number)).mappings().first()
+            if row is not None and row["closed_at"] is not None:
+                raise UserError(f"round {number} of this database has closed; a closed round is never reopened")
+            if row is not None and row["policy"] != policy:
+                raise UserError(f"round {number} of this database samples {row['policy']}, not {policy}")
+            conn.execute(rounds.update().where(rounds.c.closed_at.is_(None) & (rounds.c.number != number))
+                         .values(closed_at=now))
+            if row is None:
+                conn.execute(rounds.insert(), {"number": number, "policy": policy, "opened_at": now})
+
+    def close_round(self, number: int) -> None:
+        """Close round `number` (no-op when it is closed already)."""
+        with self.write() as conn:
+            conn.execute(rounds.update().where((rounds.c.number == number) & rounds.c.closed_at.is_(None))
+                         .values(closed_at=time.time()))
+
+    def current_round(self) -> tuple[int, str] | None:
+        """(number, policy) of the open round, or None."""
+        with self.read() as conn:
+            row = conn.execute(select(rounds.c.number, rounds.c.policy).where(rounds.c.closed_at.is_(None))
+                               .order_by(rounds.c.number.desc())).first()
+        return (row.number, row.policy) if row is not None else None
+
+    def count_round_judgments(self, number: int) -> int:
+        """Judgments of the pairs sampled in round `number`."""
+        with self.read() as conn:
+            return conn.execute(select(func.count()).select_from(judgments).join(pairs, pairs.c.id == judgments.c.pair_id)
+                                .where(pairs.c.round == number)).scalar_one()
 
     def pair_counts(self) -> dict[str, int]:
         """Pair totals for the progress display."""

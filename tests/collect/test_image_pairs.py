@@ -78,9 +78,11 @@ def test_schema_2_database_gains_the_images_column(tmp_path):
     store = Store.open(url)
     store.add_pairs([NewPair("<add> 1+2=", " 3", " 4", "x", "y")])
     store.close()
-    engine = create_engine(url)  # make it a schema-2 database: no images column, version 2
+    engine = create_engine(url)  # make it a schema-2 database: no images or round column, no rounds, version 2
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE pairs DROP COLUMN images")
+        conn.exec_driver_sql("ALTER TABLE pairs DROP COLUMN round")
+        conn.exec_driver_sql("DROP TABLE rounds")
         conn.execute(schema_info.update().where(schema_info.c.key == "schema_version").values(value="2"))
     engine.dispose()
     store = Store.open(url)

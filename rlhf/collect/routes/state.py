@@ -21,7 +21,7 @@ from rlhf.collect.assign import Assigner
 from rlhf.collect.pairs import PairFeeder
 from rlhf.collect.report import summarize
 from rlhf.collect.settings import CollectConfig
-from rlhf.collect.storage import ConflictingJudgment, SlotTaken, Store, UnknownAssignment
+from rlhf.collect.storage import ConflictingJudgment, RoundClosed, SlotTaken, Store, UnknownAssignment
 
 if TYPE_CHECKING:
     from rlhf.collect.routes.auth import Caller
@@ -171,7 +171,7 @@ class CollectState:
             )
         except UnknownAssignment:
             raise HTTPException(404, "unknown assignment") from None
-        except (ConflictingJudgment, SlotTaken) as exc:
+        except (ConflictingJudgment, SlotTaken, RoundClosed) as exc:
             raise HTTPException(409, str(exc)) from None
         if self.feeder is not None:
             self.feeder.wake()
