@@ -26,6 +26,7 @@ from rlhf.collect.settings import CollectConfig, SimulateSettings
 from rlhf.errors import UserError
 
 SIDE_OF_OUTCOME = {1.0: "left", 0.0: "right", 0.5: "tie"}
+SIMULATED_PREFIX = "sim-"  # the names of simulated annotators: sim-<run id>-<index>
 
 
 def prompt_key(prompt, images: list[bytes] = ()) -> str:
@@ -192,8 +193,9 @@ def simulate(cfg: CollectConfig, store, source=None, log=_log) -> SimulationResu
     if remaining <= 0:
         log(f"collect: {store.count_judgments()} judgments stored already; nothing to simulate")
         return SimulationResult(stopped_because="target reached")
+    store.release_leases(SIMULATED_PREFIX)  # what a killed run's simulated people were shown goes to the new ones
     run_id = secrets.token_hex(3)  # tokens are stored hashed, so a resumed run signs up fresh simulated people
-    tokens = [store.add_annotator(f"sim-{run_id}-{i}") for i in range(settings.annotators)]
+    tokens = [store.add_annotator(f"{SIMULATED_PREFIX}{run_id}-{i}") for i in range(settings.annotators)]
     feeder = build_feeder(cfg, store, source)
     app = create_app(cfg, store, Assigner(store, cfg.assignment, seed=cfg.seed), feeder)
     with ServerThread(app) as url:

@@ -858,6 +858,16 @@ class Store:
         with self.read() as conn:
             return [decode_pair(r) for r in conn.execute(query).mappings()]
 
+    def release_leases(self, name_prefix: str) -> int:
+        """End the open leases of annotators whose name starts with `name_prefix` (simulated annotators of a run that
+        was killed: nobody will judge what they were shown), so their pairs are served again at once. Returns how
+        many leases ended."""
+        with self.write(durable=False) as conn:
+            ids = select(annotators.c.id).where(annotators.c.name.startswith(name_prefix, autoescape=True))
+            return conn.execute(assignments.update().where(
+                assignments.c.completed.is_(False) & assignments.c.annotator_id.in_(ids) & (assignments.c.issued_at > 0)
+            ).values(issued_at=0.0)).rowcount
+
     # -- rounds (`rlhf loop`) -------------------------------------------------------------------------------------
 
     def open_round(self, number: int, policy: str) -> None:

@@ -233,10 +233,12 @@ class _Loop:
         rl = self._run(cfg.rl.kind, cfg.rl, top / "rl", self._rl_wiring(top), {
             "policy": self.fingerprint["policy"], "reward": self.fingerprint["reward"]})
         self.policy, self.fingerprint["policy"] = str(top / "rl"), rl["fingerprint"]
-        for key in ("eval/gold_score", "eval/rm_score", "train/kl", "train/reward"):
+        for key in ("eval/gold_score", "eval/rm_score", "train/reward"):
             if key in rl["metrics"]:
                 row[key.replace("/", "_")] = rl["metrics"][key]
-        row["gold_curve"] = [[self.steps + step, gold] for step, gold in _gold_history(top / "rl")]
+        row["gold_curve"] = [[self.steps + step, gold, kl] for step, gold, kl in _gold_history(top / "rl")]
+        if row["gold_curve"] and row["gold_curve"][-1][2] is not None:
+            row["train_kl"] = row["gold_curve"][-1][2]
         self.steps += cfg.rl.steps_per_round
         self.rows.append(row)
         self.ctx.tracker.log({f"loop/{k}": v for k, v in row.items() if isinstance(v, float)}, step=r)
@@ -276,7 +278,7 @@ class _Loop:
         curve = [point for row in self.rows for point in row["gold_curve"]]
         metrics = {f"loop/{k}": v for k, v in last.items() if isinstance(v, float)}
         if curve:
-            step, peak = max(curve, key=lambda point: point[1])
+            step, peak, _ = max(curve, key=lambda point: point[1])
             metrics.update({"eval/gold_score": curve[-1][1], "loop/peak_gold_score": peak,
                             "loop/peak_rl_step": float(step)})
         return metrics
@@ -288,15 +290,17 @@ def _rl_config(kind: str):
     return recipe(kind).Config
 
 
-def _gold_history(rl_dir: Path) -> list[tuple[int, float]]:
-    """(step, eval/gold_score) of every evaluation an RL stage logged, in step order, one per step."""
-    by_step = {}
+def _gold_history(rl_dir: Path) -> list[tuple[int, float, float | None]]:
+    """(step, eval/gold_score, the last train/kl logged by then) of every evaluation an RL stage logged, in step
+    order, one per step."""
+    by_step, kl = {}, None
     path = rl_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
+        kl = float(row["train/kl"]) if "train/kl" in row else kl
         if "eval/gold_score" in row:
-            by_step[int(row["step"])] = float(row["eval/gold_score"])
-    return sorted(by_step.items())
+            by_step[int(row["step"])] = (float(row["eval/gold_score"]), kl)
+    return [(step, gold, at) for step, (gold, at) in sorted(by_step.items())]
 
 
 def _fingerprint(directory: Path) -> str:

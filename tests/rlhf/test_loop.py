@@ -41,7 +41,7 @@ def loop_config(policy_dir: Path, out: Path, **top) -> dict:
             "rl.prompts_per_step": 2, "sampling.n": 2, "sampling.max_new_tokens": 8,
             "eval.tasks": ["review"], "eval.limit": 4, "eval.rewards": [{"name": "gold", "rule": "verifiable"}],
             "eval.generation": {"max_new_tokens": 8, "batch_size": 8, "samples": 0},
-            "train.save_every": 1, "train.eval_every": 1,
+            "train.save_every": 1, "train.eval_every": 1, "reward.missing_eos_score": None, "optim.lr": 1.0e-3,
         }},
         **top,
     }
@@ -76,7 +76,8 @@ def test_rounds_collect_on_the_current_policy_and_refresh_the_reward_model(finis
     assert "rm_fresh_accuracy" not in rows[0] and 0.0 <= rows[1]["rm_fresh_accuracy"] <= 1.0
     assert [row["judgments"] for row in rows] == [12.0, 24.0]
     # two gold evaluations per round (eval_every 1, 2 steps), on one RL step axis across rounds
-    assert [step for row in rows for step, _ in row["gold_curve"]] == [1, 2, 3, 4]
+    assert [step for row in rows for step, _, _ in row["gold_curve"]] == [1, 2, 3, 4]
+    assert rows[1]["train_kl"] == rows[1]["gold_curve"][-1][2] > 0  # KL to the starting policy, not to round 1's
     assert result["metrics"]["eval/gold_score"] == rows[-1]["gold_curve"][-1][1]
 
     store = Store.open(f"sqlite:///{out / 'collect.db'}")
