@@ -15,6 +15,7 @@ ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
 # what a comparison writes in its output_dir besides the runs (the runner writes them, the report reads them)
 PLAN_FILE = "runs.json"  # the plan and each run's last outcome: the report lists every planned run from it
 COMPLETIONS_FILE = "completions.json"  # greedy completions of each algorithm on the same held-out prompts
+BEST_OF_N_FILE = "best_of_n.json"  # the best-of-n baseline's gold and reward per n (see rlhf.compare.best_of_n)
 BASE_EVAL_FILE = "base_eval.json"  # the base checkpoint's held-out gold and RM scores: every curve's point at 0 samples
 
 
@@ -77,6 +78,14 @@ class CompareEval(Section):
         6, ge=0, description="held-out prompts (spread evenly over the set) whose greedy completions the report shows side by side")
 
 
+class BestOfN(Section):
+    """A best-of-n baseline beside the RL arms: n samples of the base policy per held-out prompt, the one the
+    training reward likes best kept, at the analytic KL log n − (n − 1)/n."""
+
+    max_n: int = Field(64, ge=2, le=1024, description="samples per prompt drawn once; n runs over the powers of 2 up to it")
+    prompts: int | None = Field(64, ge=1, description="held-out prompts used (the first N of the runs' eval prompts)")
+
+
 class PrepareSettings(Section):
     """Stages of a pipeline that make the base checkpoint (and reward model), run or skipped before the comparison."""
 
@@ -98,6 +107,7 @@ class CompareConfig(Section):
         default_factory=dict,
         description="dotted key -> value for every algorithm whose config has the key (prompts, rewards, eval, KL target...)")
     eval: CompareEval = Field(default_factory=CompareEval, description="evaluation cadence and the report's completions")
+    best_of_n: BestOfN | None = Field(None, description="a best-of-n baseline on the over-optimization plot (null = none)")
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="W&B: one project, group = name")
     isolate: bool = Field(
         True, description="run each stage in a fresh Python process: its own peak memory, a crash stays in its run "

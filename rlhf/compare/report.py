@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import stage as stage_dir
-from rlhf.compare.config import BASE_EVAL_FILE, COMPLETIONS_FILE, PLAN_FILE
+from rlhf.compare.config import BASE_EVAL_FILE, BEST_OF_N_FILE, COMPLETIONS_FILE, PLAN_FILE
 from rlhf.compare.overoptimization import fit_gao, gao_curve
 from rlhf.tracking import METRICS_FILE
 
@@ -194,11 +194,30 @@ def gao_fits(runs: list[RunResult], arms: list[str], x: str, base: dict) -> dict
     return fits
 
 
+BEST_OF_N = "best-of-n"  # the baseline's name among the fits
+
+
+def best_of_n_points(bon: dict | None, base: dict) -> list[tuple[float, float]]:
+    """(d = √(log n − (n − 1)/n), best-of-n gold − the base's gold) per n; empty without either."""
+    if not bon or not _num(base.get("eval/gold_score")):
+        return []
+    return [(row["d"], row["gold"] - float(base["eval/gold_score"])) for row in bon["curve"]]
+
+
+def best_of_n_fit(bon: dict | None, base: dict) -> dict | None:
+    """Gao et al.'s best-of-n form d(α − β·d) fitted to the baseline's gold gains."""
+    pts = best_of_n_points(bon, base)
+    fit = fit_gao([d for d, _ in pts], [g for _, g in pts], "bon") if pts else None
+    return {**fit, "form": "bon", "d_max": max(d for d, _ in pts), "max_n": bon["samples"]} if fit else None
+
+
 def gao_findings(fits: dict[str, dict]) -> list[str]:
     lines = []
     for arm, f in fits.items():
-        text = (f"{arm}: gold gain against d = √KL fits d(α − β·log d) (Gao et al. 2023) with α {f['alpha']:.3f}, "
-                f"β {f['beta']:.3f} (RMSE {f['rmse']:.3f}, {f['points']} evaluations)")
+        form = "d(α − β·d)" if f.get("form") == "bon" else "d(α − β·log d)"
+        what = f"n = 1 … {f['max_n']}" if f.get("form") == "bon" else f"{f['points']} evaluations"
+        text = (f"{arm}: gold gain against d = √KL fits {form} (Gao et al. 2023) with α {f['alpha']:.3f}, "
+                f"β {f['beta']:.3f} (RMSE {f['rmse']:.3f}, {what})")
         if f["d_peak"] is None:
             text += f": no peak (β ≤ 0), the gain still rising at the largest d reached, {f['d_max']:.2f}"
         else:
@@ -299,7 +318,7 @@ def _ci_text(ci: dict) -> str:
 
 
 def _plots(runs: list[RunResult], arms: list[str], x: str, out: Path, base: dict,
-           fits: dict[str, dict] | None = None) -> dict[str, Path]:
+           fits: dict[str, dict] | None = None, bon: dict | None = None) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,6 +412,13 @@ def _plots(runs: list[RunResult], arms: list[str], x: str, out: Path, base: dict
                 axes[2].plot(ds, gao_curve(fit, ds), color=colors[arm], ls="--", lw=1.5)
                 if fit["d_peak"] is not None and fit["d_peak"] <= top:
                     axes[2].plot([fit["d_peak"]], [fit["gain_peak"]], marker="D", color=colors[arm], mec="black", ms=7)
+    pts = best_of_n_points(bon, base)
+    if pts:  # the baseline: best-of-n of the base at its analytic KL, with the d(α − β·d) fit
+        axes[2].plot(*zip(*pts), color="black", marker="x", ls="", ms=7, label=f"{BEST_OF_N} (n ≤ {bon['samples']})")
+        fit = (fits or {}).get(BEST_OF_N)
+        if fit is not None:
+            ds = [fit["d_max"] * i / 60 for i in range(61)]
+            axes[2].plot(ds, gao_curve(fit, ds, "bon"), color="black", ls=":", lw=1.5)
     labels = [("over-optimization: RM vs gold (■ base, ★ best)", "eval/rm_score", "eval/gold_score"),
               ("KL–reward frontier (every step)", "train/kl (per sequence)", "train/reward"),
               ("gold gain vs √KL: d(α − β log d) fits (◆ peak)", "d = √KL(π‖π_ref) per sequence",
@@ -507,6 +533,10 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     arm_names = [a["arm"] for a in arms]
     found = findings(arms, unit)
     fits = gao_fits(runs, arm_names, x, base)
+    bon_path = out / BEST_OF_N_FILE
+    bon = json.loads(bon_path.read_text()) if bon_path.is_file() else None
+    if (bon_fit := best_of_n_fit(bon, base)) is not None:
+        fits[BEST_OF_N] = bon_fit
     found += gao_findings(fits)
     if _num(base.get("eval/gold_score")):
         rm_text = f", RM score {base['eval/rm_score']:.3f}" if _num(base.get("eval/rm_score")) else ""
@@ -514,7 +544,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
                         f"(every curve starts there, at 0 {unit}).")
     figdir = out / REPORT_DIR
     figdir.mkdir(exist_ok=True)
-    figures = _plots(runs, arm_names, x, figdir, base, fits) if any(r.rows for r in runs) else {}
+    figures = _plots(runs, arm_names, x, figdir, base, fits, bon) if any(r.rows for r in runs) else {}
     text = markdown_table(arms)
     (out / "summary.json").write_text(json.dumps({"runs": summaries, "arms": arms, "findings": found,
                                                   "gao_fits": fits}, indent=1))

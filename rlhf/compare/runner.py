@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import stage as stage_dir
-from rlhf.compare.config import BASE_EVAL_FILE, COMPLETIONS_FILE, PLAN_FILE, CompareConfig, load_compare
+from rlhf.compare.config import (
+    BASE_EVAL_FILE, BEST_OF_N_FILE, COMPLETIONS_FILE, PLAN_FILE, CompareConfig, load_compare,
+)
 from rlhf.compare.report import write_report
 from rlhf.config import StageConfig, load_config, nearest_key, valid_keys
 from rlhf.errors import UserError
@@ -291,7 +293,7 @@ def run_comparison(path: str, overrides: list[str] | None = None, *, report_only
         print(f"[compare] runs done in {time.monotonic() - started:.0f}s")
     if not main:
         return {"runs": {}, "report": None, "failed": [], "table": ""}
-    for extra in (base_evaluation, side_by_side_completions):
+    for extra in (base_evaluation, best_of_n_baseline, side_by_side_completions):
         try:
             extra(cfg, runs)
         except Exception as exc:  # the report is still worth writing without them
@@ -493,6 +495,42 @@ def base_evaluation(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | None:
     gold, train = _scorers(ref.cfg)
     metrics = evaluate_gold(policy, records, ev.generation, scorer_score_fn(gold or train, train), seed=ref.seed)
     out.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1))
+    return out
+
+
+def best_of_n_baseline(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | None:
+    """Write `<output_dir>/best_of_n.json`: best-of-n of the base checkpoint on the runs' held-out prompts, for n
+    = 1, 2, 4 ... `best_of_n.max_n`, scored by the gold scorer, picked by the training reward (cached while the base
+    and the settings are unchanged)."""
+    ref = _reference(runs)
+    if cfg.best_of_n is None or ref is None:
+        return None
+    out = Path(cfg.output_dir) / BEST_OF_N_FILE
+    ev, bon = ref.cfg.eval, cfg.best_of_n
+    key = {"base": cfg.base, "base_fingerprint": _dir_fingerprint(cfg.base), "best_of_n": bon.model_dump(),
+           "eval": ev.model_dump(mode="json"), "rewards": [c.model_dump(mode="json") for c in ref.cfg.rewards],
+           "seed": ref.seed}
+    if out.is_file() and json.loads(out.read_text()).get("key") == key:
+        return out
+    from rlhf.compare.best_of_n import best_of_n_curve
+    from rlhf.config import ModelSettings
+    from rlhf.data import load_rl_prompts, prompt_budget
+    from rlhf.policy import PolicyModel
+
+    policy = PolicyModel.load(ModelSettings(path=cfg.base))
+    budget = prompt_budget(policy.model.config, ev.generation.max_new_tokens, "eval.generation.max_new_tokens")
+    records = load_rl_prompts(ev.prompts, ev.tasks, bon.prompts, policy.tokenizer, max_prompt_tokens=budget,
+                              image_inputs=policy.image_inputs, model_name=cfg.base)
+    gold, train = _scorers(ref.cfg)
+    n = bon.max_n
+    print(f"[compare] best-of-n baseline: {n} samples of {cfg.base} on each of {len(records)} held-out prompts")
+    rollout = policy.generate([r["prompt"] for r in records], n=n, max_new_tokens=ev.generation.max_new_tokens,
+                              temperature=ev.generation.temperature, seed=ref.seed)
+    reward = train.score_rollout(rollout, records).total.view(len(records), n).tolist()
+    golds = (gold or train).score_rollout(rollout, records).total.view(len(records), n).tolist()
+    ns = [2 ** k for k in range(n.bit_length()) if 2 ** k <= n]
+    curve = best_of_n_curve(reward, golds, ns)
+    out.write_text(json.dumps({"key": key, "prompts": len(records), "samples": n, "curve": curve}, indent=1))
     return out
 
 

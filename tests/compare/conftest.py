@@ -45,6 +45,7 @@ def comparison_config(inputs: Path, out: Path, **changes) -> dict:
     cfg = {
         "name": "tiny", "output_dir": str(out), "base": str(inputs / "policy"), "seeds": [0, 1],
         "budget": {"samples": 32}, "eval": {"every_samples": 16, "completions": 2},
+        "best_of_n": {"max_n": 4, "prompts": 4},
         "shared": {
             "data.prompts": str(inputs / "train.jsonl"), "eval.prompts": str(inputs / "eval.jsonl"),
             # a length rule as well, so that rewards vary inside groups even for an untrained policy

@@ -194,3 +194,46 @@ def _judgments(db: Path) -> int:
             return conn.execute("SELECT count(*) FROM judgments").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
+
+
+def test_people_judge_through_a_server_that_follows_the_rounds(tmp_path, policy_dir):
+    """annotators: people. One `rlhf collect serve`-style server (pairs.follow_rounds) runs for the whole loop; the
+    loop opens each round and waits for its judgments, made here over HTTP by simulated people."""
+    import threading
+
+    from rlhf.collect.pairs import build_feeder
+    from rlhf.collect.server import create_app
+    from rlhf.collect.serving import ServerThread
+    from rlhf.collect.settings import CollectConfig
+    from rlhf.collect.simulate import prompt_lookup, run_simulation
+
+    out = tmp_path / "run"
+    data = loop_config(policy_dir, out, annotators="people", people={"wait_minutes": 5, "poll_seconds": 0.1},
+                       database=f"sqlite:///{tmp_path / 'people.db'}")
+    cfg = load_config(loop.Config, write_config(tmp_path, data))
+    serve = load_config(CollectConfig, "configs/collect/pipeline.yaml", {
+        **data["collect"]["overrides"], "pairs.policy": None, "pairs.follow_rounds": True, "database": cfg.database,
+        "output_dir": str(tmp_path / "serve")})
+    store = Store.open(serve.database_url())
+    tokens = [store.add_annotator("person-1")]
+    feeder = build_feeder(serve, store)
+    feeder.poll_s = 0.1
+    settings = serve.simulate.model_copy(update={"timeout_s": 300})
+
+    def judge_until_the_server_stops(url):
+        try:
+            run_simulation(url, tokens, prompt_lookup(serve), settings, remaining=10_000)
+        except RuntimeError:  # the server went away: the loop has finished
+            pass
+
+    with ServerThread(create_app(serve, store, feeder=feeder)) as url:
+        people = threading.Thread(target=judge_until_the_server_stops, args=(url,), daemon=True)
+        people.start()
+        result = run_stage("loop", cfg)
+    people.join(60)
+    # each round waited for its 12 judgments (people may add a few before the loop sees the count and closes it)
+    assert all(store.count_round_judgments(r) >= 12 for r in (1, 2))
+    sources = {(row["round"], row["source_a"]) for row in store.judgment_rows()}
+    assert sources == {(1, str(policy_dir)), (2, str(out / "round-1" / "rl"))}
+    assert store.current_round() is None and "eval/gold_score" in result["metrics"]
+    store.close()
