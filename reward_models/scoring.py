@@ -44,6 +44,12 @@ class RewardComponent(Section):
     )
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the rule")
     normalize: bool = Field(True, description="model only: (r − mean) / std with the stats stored at training")
+    aggregate: Literal["mean", "mean_minus_std", "min"] = Field(
+        "mean", description="model only, a reward-model ensemble (the reward stage's `ensemble`): combine the "
+        "members' (normalized) scores by their mean, the conservative mean − uncertainty_penalty · std, or the "
+        "minimum (Coste et al. 2023); the members' std is logged as reward/<name>_disagreement"
+    )
+    uncertainty_penalty: float = Field(1.0, ge=0, description="λ of aggregate: mean_minus_std")
     batch_size: int = Field(64, ge=1, description="model only: sequences per forward pass")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="model only: weights dtype")
 
@@ -94,16 +100,24 @@ class Scorer:
         self.components = list(components)
         self.device = torch.device(device or "cpu")
         self.models: dict[str, RewardModel] = {}
+        self.ensembles: dict[str, list[RewardModel]] = {}  # name -> the other members of an ensemble component
         self.rules = {}
         for c in self.components:
             if c.model is not None:
                 # `models`: reward models the caller already holds, by component name (e.g. a LoRA reward model run
                 # as an adapter on the policy's own base), used instead of loading a copy from `c.model`
                 rm = (models or {}).get(c.name) or RewardModel.load(c.model, dtype=c.dtype)
-                rm = rm.to(self.device).eval().requires_grad_(False)
-                if c.normalize and rm.stats is None:
-                    raise UserError(f"reward '{c.name}': {c.model} has no stored score statistics; set normalize: false")
+                members = [rm] + [RewardModel.load(path, dtype=c.dtype) for path in ensemble_members(c.model)]
+                for member, path in zip(members, [c.model, *ensemble_members(c.model)]):
+                    member.to(self.device).eval().requires_grad_(False)
+                    if c.normalize and member.stats is None:
+                        raise UserError(f"reward '{c.name}': {path} has no stored score statistics; set normalize: false")
                 self.models[c.name] = rm
+                if len(members) > 1:
+                    self.ensembles[c.name] = members[1:]
+                elif c.aggregate != "mean":
+                    raise UserError(f"reward '{c.name}': aggregate: {c.aggregate} needs a reward-model ensemble, and "
+                                    f"{c.model} is one model (train it with the reward stage's ensemble.members > 1)")
             else:
                 self.rules[c.name] = resolve_rule(c.rule)
                 check_params(c.name, c.rule, self.rules[c.name], c.params)
@@ -130,7 +144,7 @@ class Scorer:
         if ended is not None:
             for m, e in zip(metadata, ended.tolist() if isinstance(ended, torch.Tensor) else ended):
                 m["ended"] = bool(e)
-        parts: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}  # each component's values (and an ensemble's disagreement), for the logs
         total = torch.zeros(n, dtype=torch.float32)
         for c in self.components:
             if c.name in self.models:
@@ -138,9 +152,16 @@ class Scorer:
                 if rm.image_inputs is not None and images is None:
                     raise UserError(f"reward '{c.name}': {c.model} is an image reward model; score prompts that "
                                     "carry their images")
-                values = rm.score(prompts, completions, batch_size=c.batch_size,
-                                  images=images if rm.image_inputs is not None else None)
-                values = rm.normalize(values) if c.normalize else values
+                members = [rm, *self.ensembles.get(c.name, [])]
+                each = torch.stack([
+                    (m.normalize(v) if c.normalize else v)
+                    for m in members
+                    for v in [m.score(prompts, completions, batch_size=c.batch_size,
+                                      images=images if m.image_inputs is not None else None)]
+                ])
+                values = aggregate_ensemble(each, c.aggregate, c.uncertainty_penalty)
+                if len(members) > 1:
+                    parts[f"{c.name}_disagreement"] = each.std(0)
             else:
                 values = torch.tensor(apply_rule(c.name, self.rules[c.name], prompts, completions, metadata, c.params),
                                       dtype=torch.float32)
@@ -164,6 +185,32 @@ class Scorer:
             if images is None and rollout.pixel_values is not None:
                 images = rollout.pixel_values.cpu()
         return self.score(rollout.prompts, rollout.completions, metadata, ended=rollout.ended, images=images)
+
+
+ENSEMBLE_FILE = "ensemble.json"  # beside a reward model: the other members of its ensemble (see the reward stage)
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The other members of the reward-model ensemble whose first member is `path` (none for a single model)."""
+    import json
+    from pathlib import Path
+
+    listing = Path(path) / ENSEMBLE_FILE
+    if not listing.is_file():
+        return []
+    return [str(Path(path) / member) for member in json.loads(listing.read_text())["members"]]
+
+
+def aggregate_ensemble(scores: torch.Tensor, how: str, penalty: float = 1.0) -> torch.Tensor:
+    """(k, B) member scores -> (B,): their mean, the conservative mean − penalty · std (std over members, with
+    Bessel's correction), or the minimum. One member: its scores."""
+    if scores.size(0) == 1 or how == "mean":
+        return scores.mean(0)
+    if how == "mean_minus_std":
+        return scores.mean(0) - penalty * scores.std(0)
+    if how == "min":
+        return scores.min(0).values
+    raise ValueError(f"unknown aggregate {how!r}")
 
 
 def _record_images(records: Sequence[dict]) -> list | None:

@@ -28,7 +28,7 @@ from pydantic import Field
 from rlhf.config import LoraSettings, OptimSettings, Section, StageConfig, TrainSettings
 from rlhf.data import Record, load_prompts, load_records, prompt_text
 from rlhf.distributed import (
-    WholeWeights, check_engine, global_normalizer, make_accelerator, reduce_metrics, sync_unless_last,
+    WholeWeights, check_engine, global_normalizer, make_accelerator, process_state, reduce_metrics, sync_unless_last,
 )
 from rlhf.errors import UserError
 from rlhf.losses import lm_loss
@@ -79,6 +79,8 @@ class PreferenceData(Section):
     eval: str | None = Field(None, description="held-out pairs; null = hold out eval_fraction of train")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="fraction of prompts whose pairs are held out "
                                  "when eval is null (split by prompt, so no response is in both sets)")
+    split_seed: int | None = Field(None, description="seed of the held-out split when eval is null (null = seed): "
+                                   "an ensemble's members share their first member's split")
     group_by_prompt: bool = Field(False, description="batch whole prompts: train.batch_size counts prompts, each "
                                   "response is scored once for all its comparisons (InstructGPT K-wise)")
     sample: PairSampling | None = Field(None, description="demo world: sample pairs from a policy and label them "
@@ -111,6 +113,13 @@ class EvalSettings(Section):
     hist_bins: int = Field(40, ge=2, description="bins of the score histogram (eval_scores.png)")
 
 
+class EnsembleSettings(Section):
+    """k reward models trained in one run, on the same pairs with other seeds (head init and data order): scored
+    together they give a disagreement signal and conservative rewards (`rewards[].aggregate`)."""
+
+    members: int = Field(1, ge=1, le=16, description="reward models in the ensemble (1 = a single model)")
+
+
 class Config(StageConfig):
     """`rlhf reward`: train a Bradley-Terry reward model."""
 
@@ -121,6 +130,7 @@ class Config(StageConfig):
     optim: OptimSettings = Field(default_factory=OptimSettings, description="AdamW and lr schedule")
     stats: StatsSettings = Field(default_factory=StatsSettings, description="score statistics for normalization")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="held-out evaluation")
+    ensemble: EnsembleSettings = Field(default_factory=EnsembleSettings, description="an ensemble of reward models")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
@@ -159,7 +169,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         eval_pairs = load_preferences(cfg.data.eval, tokenizer)
         check_pair_images(eval_pairs, images, cfg.model.path)
     else:  # hold out whole prompts: pairs of one prompt may share responses
-        pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, cfg.seed, source=train_source)
+        pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, _split_seed(cfg), source=train_source)
     if not cfg.loss.use_margin:
         for p in pairs:
             p.margin = 0.0
@@ -256,7 +266,69 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     if accelerator.is_main_process:
         rm.save(ctx.dir)
     accelerator.wait_for_everyone()
+
+    # 11. the other members of an ensemble, each a reward stage of its own in members/ (resumable the same way) -----
+    if cfg.ensemble.members > 1:
+        metrics.update(_train_members(cfg, ctx, train_source, rm, eval_pairs))
     return metrics
+
+
+MEMBERS_DIR = "members"
+
+
+def _split_seed(cfg: Config) -> int:
+    return cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+
+
+def _train_members(cfg: Config, ctx: StageContext, train_source: str, first: RewardModel,
+                   eval_pairs) -> dict[str, float]:
+    """Train members 2..k on this stage's pairs and held-out split with seeds seed + 1 ..., list them in
+    ensemble.json beside the first member (this directory), and score the ensemble on the held-out pairs."""
+    import json
+
+    from rlhf.config import set_dotted, validate
+    from rlhf.pipeline import run_stage
+    from rlhf.stage import atomic_write
+    from reward_models.scoring import ENSEMBLE_FILE, ensemble_members
+
+    if process_state().num_processes > 1:
+        raise UserError("ensemble.members > 1 runs in one process; launch the reward stage without accelerate")
+    previous = ensemble_members(cfg.model.warm_start) if cfg.model.warm_start else []
+    names, members = [], [first]
+    for i in range(1, cfg.ensemble.members):
+        data = cfg.model_dump(mode="json")
+        for key, value in {"seed": cfg.seed + i, "output_dir": str(ctx.dir / MEMBERS_DIR / f"member-{i}"),
+                           "ensemble.members": 1, "data.train": train_source, "data.sample": None,
+                           "data.split_seed": _split_seed(cfg),
+                           "model.warm_start": previous[i - 1] if i - 1 < len(previous) else None}.items():
+            set_dotted(data, key, value)
+        member = validate(Config, data, source=f"{ctx.name} ensemble member {i}")
+        run_stage("reward", member, name=f"{ctx.name}/member-{i}", rerun=True, debug=ctx.debug)
+        names.append(f"{MEMBERS_DIR}/member-{i}")
+        members.append(RewardModel.load(member.output_dir, max_length=cfg.model.max_length))
+    atomic_write(ctx.dir / ENSEMBLE_FILE, json.dumps({"members": names}, indent=1))
+    return ensemble_metrics(members, eval_pairs, cfg.eval.batch_size)
+
+
+def ensemble_metrics(members: list[RewardModel], pairs, batch_size: int = 64) -> dict[str, float]:
+    """Held-out accuracy of the members' mean (normalized) score and of each member on average, and their
+    disagreement (std over members of a response's normalized score, averaged over responses)."""
+    from reward_models.losses import pairwise_accuracy
+
+    chosen, rejected, accuracies = [], [], []
+    for m in members:
+        metrics, c, r = evaluate_pairs(m, pairs, batch_size)
+        accuracies.append(metrics["eval/accuracy"])
+        chosen.append(m.normalize(c) if m.stats is not None else c)
+        rejected.append(m.normalize(r) if m.stats is not None else r)
+    chosen, rejected = torch.stack(chosen), torch.stack(rejected)
+    label = torch.tensor([p.label for p in pairs])
+    return {
+        "eval/ensemble_accuracy": pairwise_accuracy(chosen.mean(0) - rejected.mean(0), label).item(),
+        "eval/member_accuracy_mean": sum(accuracies) / len(accuracies),
+        "eval/ensemble_disagreement": torch.cat([chosen.std(0), rejected.std(0)]).mean().item(),
+        "eval/ensemble_members": float(len(members)),
+    }
 
 
 def _sampled_pairs(settings: PairSampling, ctx: StageContext, seed: int, accelerator) -> list[Record]:

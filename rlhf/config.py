@@ -143,6 +143,19 @@ class AsyncSettings(Section):
     max_restarts: int = Field(2, ge=0, description="restart a dead worker this many times before the stage stops")
 
 
+class EarlyStopSettings(Section):
+    """Stop an RL stage on a signal every step logs without gold (e.g. a reward-model ensemble's disagreement, or a
+    conservative reward), keeping the policy of its best step: a guard against over-optimizing the reward model."""
+
+    metric: str = Field("reward/rm_disagreement", description="a step metric (e.g. reward/<name>_disagreement of "
+                        "an ensemble reward, train/reward)")
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (disagreement); max: higher")
+    patience: int = Field(4, ge=1, description="stop after this many steps without a better (smoothed) value")
+    smoothing: float = Field(0.5, ge=0, lt=1, description="EMA weight of the past: s_t = a·s_{t-1} + (1 − a)·x_t")
+    min_delta: float = Field(0.0, ge=0, description="an improvement smaller than this does not count")
+    warmup_steps: int = Field(0, ge=0, description="steps before the signal counts (the first values are noisy)")
+
+
 class RLSettings(Section):
     """The shape of one RL step: rollout size, update epochs (μ) and minibatches, micro-batches for memory."""
 
@@ -152,6 +165,8 @@ class RLSettings(Section):
     micro_batch_size: int = Field(64, ge=1, description="rows per forward/backward pass (gradient accumulation inside a minibatch)")
     asynchronous: AsyncSettings | None = Field(
         None, description="grpo: sample in a worker process with weights up to max_staleness steps old (null = in the loop)")
+    early_stop: EarlyStopSettings | None = Field(
+        None, description="stop on a gold-free signal and keep the best step's policy (null = run to max_steps)")
 
 
 class TrackingSettings(Section):

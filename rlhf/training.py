@@ -359,6 +359,71 @@ def end_of_step(ctx, accelerator, train, done: int, counters: dict, timer: StepT
     return lap
 
 
+class EarlyStop:
+    """`rl.early_stop`: follows a step metric smoothed by an EMA, writes the policy's weights whenever the smoothed
+    value is the best so far (`<stage>/best/`, so a resumed stage still has them), says when `patience` steps went
+    by without a better one, and puts the best weights back before the final evaluation and save. Its state travels
+    in the checkpoints."""
+
+    FILE = "best/weights.pt"
+
+    def __init__(self, settings, directory: Path, accelerator, state: dict | None = None):
+        if accelerator.num_processes > 1:
+            raise UserError("rl.early_stop runs in one process (its best weights are one file); launch without "
+                            "accelerate, or drop rl.early_stop")
+        self.settings = settings
+        self.path = Path(directory) / self.FILE
+        state = state or {}
+        self.smoothed: float | None = state.get("smoothed")
+        self.best: float | None = state.get("best")
+        self.best_step = int(state.get("best_step", 0))
+        self.waited = int(state.get("waited", 0))
+        self.stopped_at: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"smoothed": self.smoothed, "best": self.best, "best_step": self.best_step, "waited": self.waited}
+
+    def update(self, metrics: dict, step: int, model) -> bool:
+        """Take step `step`'s metrics (after its update: `model` holds that step's weights); True = stop now."""
+        s = self.settings
+        if s.metric not in metrics:
+            from rlhf.config import nearest_key
+
+            hint = nearest_key(s.metric, list(metrics))
+            raise UserError(f"rl.early_stop.metric '{s.metric}' is not a metric of this stage's steps"
+                            + (f" (did you mean '{hint}'?)" if hint else ""))
+        x = float(metrics[s.metric])
+        self.smoothed = x if self.smoothed is None else s.smoothing * self.smoothed + (1 - s.smoothing) * x
+        if step <= s.warmup_steps:
+            return False
+        sign = 1.0 if s.mode == "max" else -1.0
+        if self.best is None or sign * (self.smoothed - self.best) > s.min_delta:
+            self.best, self.best_step, self.waited = self.smoothed, step, 0
+            self.path.parent.mkdir(exist_ok=True)
+            atomic_write(self.path, lambda tmp: torch.save(model.state_dict(), tmp))
+            return False
+        self.waited += 1
+        return self.waited >= s.patience
+
+    def restore(self, model) -> dict[str, float]:
+        """Load the best step's weights into `model`; returns the early_stop/* metrics."""
+        if self.path.is_file():
+            model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        out = {"early_stop/best_step": float(self.best_step), "early_stop/best_value": float(self.best or 0.0)}
+        if self.stopped_at is not None:
+            out["early_stop/stopped_at"] = float(self.stopped_at)
+        return out
+
+
+def early_stopped(ctx, stopper: EarlyStop, step: int) -> int:
+    """Say why the stage stops at `step`; returns it (the step its final evaluation is logged at)."""
+    s = stopper.settings
+    print(f"{ctx.name}: early stop at step {step}: {s.metric} (smoothed) has not improved for {s.patience} steps; "
+          f"keeping the policy of step {stopper.best_step} ({s.metric} {stopper.best:.4g})")
+    stopper.stopped_at = step
+    return step
+
+
 def final_eval_and_save(ctx, accelerator, policy, metrics: dict, evaluate, counters: dict, timer: StepTimer,
                         max_steps: int, merged: bool = False) -> dict:
     """A policy stage's last step: final evaluation logged at `max_steps`, then the bare policy saved in Hugging Face

@@ -50,7 +50,7 @@ from rlhf.rollout import (
 from rlhf.stage import StageContext
 from rlhf.tracking import progress
 from rlhf.training import (
-    MetricSums, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    EarlyStop, MetricSums, early_stopped, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state,
 )
 from rlhf.types import Experience, cat_experiences
@@ -145,6 +145,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 5. resume: weights, optimizer, scheduler, RNG and β; prompts and sampling seeds are functions of the step -------
     start, counters, timer = resume_state(accelerator, ctx)
     kl_ctl = make_kl_controller(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon, counters.pop("kl", None))
+    early = cfg.rl.early_stop
+    stopper = EarlyStop(early, ctx.dir, accelerator, counters.pop("early_stop", None)) if early else None
+    last_step = cfg.train.max_steps
 
     def evaluate() -> dict[str, float]:
         if not eval_records:
@@ -239,13 +242,19 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
                 log_samples(ctx.tracker, exp, step + 1)
+            stop = stopper is not None and stopper.update(step_metrics, step + 1, policy.unwrapped(accelerator).model)
             end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
-                        evaluate=evaluate, state={"kl": kl_ctl.state_dict()})
+                        evaluate=evaluate, state={"kl": kl_ctl.state_dict(),
+                                                  **({"early_stop": stopper.state_dict()} if stopper else {})})
             metrics.update({k: step_metrics[k] for k in ("train/reward", "loss/policy") if k in step_metrics})
+            if stop:
+                last_step = early_stopped(ctx, stopper, step + 1)
+                break
 
-
-    # 7. final evaluation and the policy in Hugging Face format ---------------------------------------------------
-    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps, merged=cfg.save_merged)
+    # 7. final evaluation and the policy in Hugging Face format (the best step's under rl.early_stop) ---------------
+    if stopper is not None:
+        metrics.update(stopper.restore(policy.unwrapped(accelerator).model))
+    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, last_step, merged=cfg.save_merged)
 
 
 def _start_worker(cfg: Config, accelerator, policy, records, start: int):

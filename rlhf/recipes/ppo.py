@@ -55,7 +55,7 @@ from rlhf.rollout import log_samples, make_experience, rollout_metrics, step_see
 from rlhf.stage import StageContext, write_into
 from rlhf.tracking import progress
 from rlhf.training import (
-    MetricSums, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
+    EarlyStop, MetricSums, early_stopped, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
     resume_state,
 )
 from rlhf.types import Experience
@@ -202,6 +202,9 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 6. resume: weights (policy and critic), optimizer, scheduler, RNG and β ---------------------------------------
     start, counters, timer = resume_state(accelerator, ctx)
     kl_ctl = make_kl_controller(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon, counters.pop("kl", None))
+    early = cfg.rl.early_stop
+    stopper = EarlyStop(early, ctx.dir, accelerator, counters.pop("early_stop", None)) if early else None
+    last_step = cfg.train.max_steps
 
     def evaluate() -> dict[str, float]:
         """Held-out gold scores (`eval.rewards`) and, on the same completions, the training reward (`eval/rm_score`):
@@ -281,12 +284,19 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
             step_metrics["train/kl"] = float(row_kl.mean())
         if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
             log_samples(ctx.tracker, exp, step + 1)
+        stop = stopper is not None and stopper.update(step_metrics, step + 1, policy.unwrapped(accelerator).model)
         end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
-                    evaluate=evaluate, state={"kl": kl_ctl.state_dict()})
+                    evaluate=evaluate, state={"kl": kl_ctl.state_dict(),
+                                              **({"early_stop": stopper.state_dict()} if stopper else {})})
         metrics.update({k: step_metrics[k] for k in ("train/reward", "train/kl", "loss/policy", "loss/value") if k in step_metrics})
+        if stop:
+            last_step = early_stopped(ctx, stopper, step + 1)
+            break
 
-    # 8. final evaluation; the policy in Hugging Face format, the critic beside it ---------------------------------
-    metrics = final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, cfg.train.max_steps,
+    # 8. final evaluation; the policy in Hugging Face format (the best step's under rl.early_stop), the critic beside it
+    if stopper is not None:
+        metrics.update(stopper.restore(policy.unwrapped(accelerator).model))
+    metrics = final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, last_step,
                                   merged=cfg.save_merged)
     bare_critic = critic.bare(accelerator)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:  # whole files or none: a kill mid-save leaves no half critic in the result
