@@ -137,3 +137,24 @@ def test_the_demo_comparison_plans_equal_budgets():
     assert {(r.samples_per_step * r.max_steps, r.eval_every * r.samples_per_step) for r in runs} == {(1536, 256)}
     assert fairness_differences(runs) == {}  # same base, prompts, reward, held-out set, gold scorer and KL target
     assert {r.cfg.kl.target for r in runs} == {2.0}
+
+
+@pytest.mark.parametrize("name", ["async", "smollm2", "ensemble"])
+def test_every_shipped_comparison_plans(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / f"configs/compare/{name}.yaml"
+    assert "2 CPU cores" in path.read_text().split("\n\n")[0]
+    runs = plan(load_compare(str(path)), processes=1)
+    assert len({r.samples_per_step * r.max_steps for r in runs}) == 1  # one budget for all
+
+
+def test_the_ensemble_comparison_differs_only_in_the_reward():
+    from pathlib import Path
+
+    from rlhf.compare.runner import fairness_differences
+
+    path = Path(__file__).resolve().parents[2] / "configs/compare/ensemble.yaml"
+    runs = plan(load_compare(str(path)), processes=1)
+    assert {r.cfg.rewards[0].aggregate for r in runs} == {"mean", "mean_minus_std"}
+    assert set(fairness_differences(runs)) == {"rewards"}
