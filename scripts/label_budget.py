@@ -31,7 +31,7 @@ def run_arm(arm: str, config: str, seed: int, out: Path) -> dict:
 
     cfg = load_config(loop.Config, config, {"seed": seed, "output_dir": str(out / arm / f"seed-{seed}"),
                                             "tracking.group": "label-budget"})
-    run_stage("loop", cfg, name=f"{arm}-seed-{seed}")
+    run_stage("loop", cfg, name=f"{arm}-seed-{seed}", rerun=True)  # a changed arm config replaces its runs
     rows = json.loads((Path(cfg.output_dir) / "rounds.json").read_text())
     curve = [point for row in rows for point in row["gold_curve"]]
     return {

@@ -55,8 +55,8 @@ from rlhf.rollout import log_samples, make_experience, rollout_metrics, step_see
 from rlhf.stage import StageContext, write_into
 from rlhf.tracking import progress
 from rlhf.training import (
-    EarlyStop, MetricSums, early_stopped, end_of_step, final_eval_and_save, make_optimizer, make_scheduler, micro_batch_indices, optimizer_step,
-    resume_state,
+    EarlyStop, MetricSums, early_stopped, end_of_step, final_eval_and_save, make_optimizer, make_scheduler,
+    micro_batch_indices, optimizer_step, resume_state,
 )
 from rlhf.types import Experience
 from reward_models.scoring import RewardComponent, Scorer
