@@ -40,6 +40,24 @@ def run_arm(arm: str, config: str, seed: int, out: Path) -> dict:
     }
 
 
+def base_gold(config: str) -> float:
+    """The starting policy's held-out gold score, evaluated as every RL stage of the loop evaluates."""
+    from reward_models.scoring import Scorer
+    from rlhf.config import ModelSettings, load_config
+    from rlhf.data import load_rl_prompts
+    from rlhf.evaluation import evaluate_gold, scorer_score_fn
+    from rlhf.pipeline import recipe
+    from rlhf.policy import PolicyModel
+    from rlhf.recipes import loop
+
+    cfg = load_config(loop.Config, config)
+    rl = load_config(recipe(cfg.rl.kind).Config, cfg.rl.config, {**cfg.rl.overrides, "model.path": cfg.policy})
+    policy = PolicyModel.load(ModelSettings(path=cfg.policy))
+    records = load_rl_prompts(rl.eval.prompts, rl.eval.tasks, rl.eval.limit, policy.tokenizer)
+    scorer = Scorer(rl.eval.rewards)
+    return evaluate_gold(policy, records, rl.eval.generation, scorer_score_fn(scorer), seed=cfg.seed)["eval/gold_score"]
+
+
 def summarize(results: dict[str, dict[int, dict]]) -> dict:
     from rlhf.compare.report import mean_ci, welch
 
@@ -53,7 +71,7 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict:
     return summary
 
 
-def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
+def plot(results: dict[str, dict[int, dict]], path: Path, base: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,6 +88,7 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
         half = t975(len(golds)) * golds.std(0, ddof=1) / np.sqrt(len(golds)) if len(golds) > 1 else 0 * mean
         ax.plot(steps, mean, marker="o", label=f"{arm} ({ARMS[arm]})")
         ax.fill_between(steps, mean - half, mean + half, alpha=0.2)
+    ax.axhline(base, color="gray", ls="--", lw=1, label=f"the SFT policy ({base:.3f})")
     ax.set_xlabel("GRPO steps (rounds: a new round of judgments every 6)")
     ax.set_ylabel("held-out gold score")
     ax.set_title(f"Equal label budget: rounds vs up front ({len(by_seed)} seeds, 95% CI)")
@@ -86,9 +105,12 @@ def main() -> None:
     out = Path(args.out)
     results = {arm: {seed: run_arm(arm, config, seed, out) for seed in args.seeds} for arm, config in ARMS.items()}
     summary = summarize(results)
+    base = base_gold(ARMS["rounds"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"seeds": args.seeds, **summary, "runs": results}, indent=2))
-    plot(results, out / "label_budget.png")
+    (out / "summary.json").write_text(json.dumps({"seeds": args.seeds, "base_gold": base, **summary, "runs": results},
+                                                 indent=2))
+    plot(results, out / "label_budget.png", base)
+    print(f"the SFT policy's held-out gold score: {base:.3f}")
     print(f"{'measure':<50} {'rounds':>22} {'up front':>22} {'rounds - up front (Welch 95% CI)':>36}")
     for m, label in MEASURES.items():
         cells = [summary["arms"][arm][m] for arm in ARMS]
