@@ -69,7 +69,8 @@ def _serve(cfg, store, args) -> int:
     from rlhf.collect.serving import serve_forever
     from rlhf.collect.simulate import simulate
 
-    source = build_source(cfg)
+    # in rounds the feeder follows the database's open round (build_feeder makes that source)
+    source = None if cfg.pairs.follow_rounds or cfg.pairs.round is not None else build_source(cfg)
     if args.simulate:
         simulate(cfg, store, source)
     app = create_app(cfg, store, feeder=build_feeder(cfg, store, source))

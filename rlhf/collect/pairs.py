@@ -184,9 +184,11 @@ class RoundPairSource:
             return None
         if current != self.round:
             log.info("round %d: sampling pairs from %s", *current)
-            self._source = policy_source(self.cfg, [current[1]], seed=self.cfg.seed * 1_000 + current[0])
+            seed = self.cfg.seed * 1_000 + current[0]
+            self._source = policy_source(self.cfg, [current[1]], seed=seed, shuffle=True)
             self.round = current
-        return [_replace(p, round=current[0]) for p in self._source.next_batch()]
+        batch = [_replace(p, round=current[0]) for p in self._source.next_batch()]
+        return batch or None  # nothing distinct this time (a collapsed policy): try again, never "exhausted"
 
 
 def _all_pairs(responses: list[str]) -> list[tuple[str, str]]:
@@ -297,8 +299,8 @@ class PairFeeder:
         if not batch:
             self.exhausted = True
             return -1
-        if self.gold is not None:
-            batch = [self.gold.mark(p) for p in batch]
+        if self.gold is not None:  # a gold item belongs to no round: its answer is known whichever policy wrote it
+            batch = [_replace(q, round=None) if q.gold_label is not None else q for q in map(self.gold.mark, batch)]
         if self.scorer is not None:
             batch = self._score(batch)
         added = self.store.add_pairs(batch)
@@ -335,8 +337,9 @@ def build_source(cfg: CollectConfig) -> PairSource:
     return policy_source(cfg, cfg.pairs.checkpoints(), seed=cfg.seed)
 
 
-def policy_source(cfg: CollectConfig, checkpoints: list[str], seed: int) -> PolicyPairSource:
-    """Pairs sampled from `checkpoints` (one or two) on the config's prompt set."""
+def policy_source(cfg: CollectConfig, checkpoints: list[str], seed: int, shuffle: bool = False) -> PolicyPairSource:
+    """Pairs sampled from `checkpoints` (one or two) on the config's prompt set (in an order shuffled by `seed`
+    with `shuffle`: each round of a loop starts on other prompts)."""
     from rlhf.data import load_prompts
     from rlhf.policy import PolicyModel
 
@@ -349,6 +352,10 @@ def policy_source(cfg: CollectConfig, checkpoints: list[str], seed: int) -> Poli
         if not prompts:
             raise UserError(f"{cfg.pairs.prompts}: no prompt has task {cfg.pairs.task!r} (pairs.task)")
     prompts = prompts[: cfg.pairs.max_prompts]
+    if shuffle:
+        import random
+
+        random.Random(seed).shuffle(prompts)
     policies = {path: PolicyModel.from_pretrained(path) for path in checkpoints}
     from rlhf.data import prompt_text
     from rlhf.vision import check_image_prompts

@@ -69,7 +69,8 @@ class PairSettings(Section):
     )
     round: int | None = Field(
         None, ge=1, description="store the pairs as round N of an `rlhf loop` (sampled from `policy`), closing every "
-        "earlier round: its pairs stop being served and judgments of them are refused"
+        "other open round (its pairs stop being served and judgments of them are refused); simulate.judgments then "
+        "counts this round's judgments"
     )
     follow_rounds: bool = Field(
         False, description="sample from the checkpoint of the database's open round (opened by `rlhf loop`), "

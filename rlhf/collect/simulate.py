@@ -2,8 +2,9 @@
 the same HTTP API people use, so simulation exercises the real server, assignment and storage paths.
 
 Each simulated annotator is a thread with its own token and HTTP client. They judge what they are shown, and judge a
-pair the same whichever side each response is on (the noise is a function of annotator and pair), so a collection
-resumed after a kill makes the judgments an uninterrupted one makes; the position bias the admin page measures for
+pair the same whichever side each response is on (the noise is a function of the annotator's index and the pair),
+so with one simulated annotator a collection resumed after a kill makes the judgments an uninterrupted one makes
+(with several, which of them judges which pair depends on timing); the position bias the admin page measures for
 them is zero up to noise. An image prompt is
 told apart by its image: the simulator downloads it from the page's image route, as a person sees it, and finds the
 record whose image file has those bytes.
@@ -189,9 +190,11 @@ def simulate(cfg: CollectConfig, store, source=None, log=_log) -> SimulationResu
 
     lookup = prompt_lookup(cfg)
     settings = cfg.simulate
-    remaining = settings.judgments - store.count_judgments()
+    # in a round of `rlhf loop`: that round's judgments; otherwise all of the database's
+    have = store.count_round_judgments(cfg.pairs.round) if cfg.pairs.round is not None else store.count_judgments()
+    remaining = settings.judgments - have
     if remaining <= 0:
-        log(f"collect: {store.count_judgments()} judgments stored already; nothing to simulate")
+        log(f"collect: {have} judgments stored already; nothing to simulate")
         return SimulationResult(stopped_because="target reached")
     store.release_leases(SIMULATED_PREFIX)  # what a killed run's simulated people were shown goes to the new ones
     run_id = secrets.token_hex(3)  # tokens are stored hashed, so a resumed run signs up fresh simulated people

@@ -30,6 +30,9 @@ def run(cfg: CollectConfig, ctx) -> dict[str, float]:
         for suffix in ("", "-wal", "-shm"):  # a fresh attempt starts from an empty database
             db_file.with_name(db_file.name + suffix).unlink(missing_ok=True)
     store = Store.open(cfg.database or f"sqlite:///{db_file}")
+    if cfg.pairs.round is not None and not ctx.resume and store.drop_rounds_from(cfg.pairs.round):
+        # a fresh attempt at a round (another policy or config upstream) starts without that round's old judgments
+        print(f"{ctx.name}: judgments of round {cfg.pairs.round} and later from an earlier attempt removed")
     try:
         sim = simulate(cfg, store)
         summary = export(store, ctx.dir / PREFERENCES_DIR, cfg.export)

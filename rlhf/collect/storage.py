@@ -152,6 +152,7 @@ judgments = Table(
     Column("rationale", Text, nullable=False, default=""),
     Column("guidelines_version", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("round", Integer),  # the `rlhf loop` round open when it was made (its pair's round); null = no round
     UniqueConstraint("pair_id", "annotator_id", name="uq_judgment_pair_annotator"),
 )
 
@@ -180,8 +181,10 @@ def _migrate_2_to_3(conn: Connection) -> None:
 
 
 def _migrate_3_to_4(conn: Connection) -> None:
-    """Schema 3 -> 4: rounds (a new table) and pairs.round (null for every pair stored before: outside any round)."""
+    """Schema 3 -> 4: rounds (a new table), pairs.round and judgments.round (null for everything stored before:
+    outside any round)."""
     conn.exec_driver_sql("ALTER TABLE pairs ADD COLUMN round INTEGER")
+    conn.exec_driver_sql("ALTER TABLE judgments ADD COLUMN round INTEGER")
     rounds.create(conn)
 
 
@@ -349,6 +352,7 @@ _LATE_SLOTS = select(slots_taken(bindparam("cutoff"), exclude_assignment=bindpar
 _ASSIGNMENT_IMAGES = select(pairs.c.images).join(assignments, assignments.c.pair_id == pairs.c.id).where(
     (assignments.c.id == bindparam("assignment_id")) & (assignments.c.annotator_id == bindparam("annotator_id"))
 )
+_OPEN_ROUND = select(func.max(rounds.c.number)).where(rounds.c.closed_at.is_(None))
 _COMPLETE = assignments.update().where(assignments.c.id == bindparam("assignment_id")).values(completed=True)
 _COUNT_JUDGMENT = pairs.update().where(pairs.c.id == bindparam("pair_id")).values(judged=pairs.c.judged + 1)
 _COUNT_OPEN = select(func.count()).select_from(pairs).where(
@@ -762,6 +766,7 @@ class Store:
                     "rationale": rationale,
                     "guidelines_version": guidelines_version,
                     "created_at": time.time(),
+                    "round": asg.round if asg.round is not None else conn.execute(_OPEN_ROUND).scalar(),
                 })
                 conn.execute(_COMPLETE, {"assignment_id": assignment_id})
                 conn.execute(_COUNT_JUDGMENT, {"pair_id": asg.pair_id})
@@ -859,11 +864,13 @@ class Store:
             return [decode_pair(r) for r in conn.execute(query).mappings()]
 
     def release_leases(self, name_prefix: str) -> int:
-        """End the open leases of annotators whose name starts with `name_prefix` (simulated annotators of a run that
+        """End the open leases of annotators named `name_prefix`<run id>-<index> (simulated annotators of a run that
         was killed: nobody will judge what they were shown), so their pairs are served again at once. Returns how
         many leases ended."""
+        pattern = re.compile(re.escape(name_prefix) + r"[0-9a-f]{6}-\d+")  # sim-<run id>-<index>, nobody else
         with self.write(durable=False) as conn:
-            ids = select(annotators.c.id).where(annotators.c.name.startswith(name_prefix, autoescape=True))
+            ids = [row.id for row in conn.execute(select(annotators.c.id, annotators.c.name))
+                   if pattern.fullmatch(row.name)]
             return conn.execute(assignments.update().where(
                 assignments.c.completed.is_(False) & assignments.c.annotator_id.in_(ids) & (assignments.c.issued_at > 0)
             ).values(issued_at=0.0)).rowcount
@@ -876,6 +883,7 @@ class Store:
         loop); a closed round stays closed."""
         now = time.time()
         with self.write() as conn:
+            policy = str(Path(policy).resolve()) if Path(policy).exists() else policy  # a server elsewhere loads it
             row = conn.execute(select(rounds).where(rounds.c.number == number)).mappings().first()
             if row is not None and row["closed_at"] is not None:
                 raise UserError(f"round {number} of this database has closed; a closed round is never reopened")
@@ -900,10 +908,27 @@ class Store:
         return (row.number, row.policy) if row is not None else None
 
     def count_round_judgments(self, number: int) -> int:
-        """Judgments of the pairs sampled in round `number`."""
+        """Judgments made in round `number` (of its pairs, and of gold items judged while it was open)."""
         with self.read() as conn:
-            return conn.execute(select(func.count()).select_from(judgments).join(pairs, pairs.c.id == judgments.c.pair_id)
-                                .where(pairs.c.round == number)).scalar_one()
+            return conn.execute(select(func.count()).select_from(judgments).where(judgments.c.round == number)).scalar_one()
+
+    def drop_rounds_from(self, number: int) -> int:
+        """Delete rounds `number` and later with their pairs, assignments and judgments (a loop rerunning round
+        `number` with another policy or config); returns the judgments deleted."""
+        with self.write() as conn:
+            gone = select(pairs.c.id).where(pairs.c.round >= number)
+            deleted = conn.execute(judgments.delete().where(
+                judgments.c.pair_id.in_(gone) | (judgments.c.round >= number))).rowcount
+            conn.execute(assignments.delete().where(assignments.c.pair_id.in_(gone)))
+            conn.execute(pairs.delete().where(pairs.c.round >= number))
+            conn.execute(rounds.delete().where(rounds.c.number >= number))
+        return deleted
+
+    def round_closed(self, number: int) -> bool:
+        """Whether round `number` exists and has closed."""
+        with self.read() as conn:
+            closed = conn.execute(select(rounds.c.closed_at).where(rounds.c.number == number)).first()
+        return closed is not None and closed[0] is not None
 
     def pair_counts(self) -> dict[str, int]:
         """Pair totals for the progress display."""

@@ -198,10 +198,13 @@ BEST_OF_N = "best-of-n"  # the baseline's name among the fits
 
 
 def best_of_n_points(bon: dict | None, base: dict) -> list[tuple[float, float]]:
-    """(d = √(log n − (n − 1)/n), best-of-n gold − the base's gold) per n; empty without either."""
+    """(d = √(log n − (n − 1)/n), best-of-n gold − best-of-1 gold) per n: the gain over the base's own samples
+    (best-of-1 is one sample at the sampling temperature, where the RL curves start from the base's evaluation);
+    empty without the baseline or without the base's gold score (the report then has no gains at all)."""
     if not bon or not _num(base.get("eval/gold_score")):
         return []
-    return [(row["d"], row["gold"] - float(base["eval/gold_score"])) for row in bon["curve"]]
+    g1 = next(row["gold"] for row in bon["curve"] if row["n"] == 1)
+    return [(row["d"], row["gold"] - g1) for row in bon["curve"]]
 
 
 def best_of_n_fit(bon: dict | None, base: dict) -> dict | None:
@@ -535,7 +538,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     fits = gao_fits(runs, arm_names, x, base)
     bon_path = out / BEST_OF_N_FILE
     bon = json.loads(bon_path.read_text()) if bon_path.is_file() else None
-    if (bon_fit := best_of_n_fit(bon, base)) is not None:
+    if (bon_fit := best_of_n_fit(bon, base)) is not None and BEST_OF_N not in fits:  # an arm of that name wins
         fits[BEST_OF_N] = bon_fit
     found += gao_findings(fits)
     if _num(base.get("eval/gold_score")):

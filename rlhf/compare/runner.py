@@ -505,6 +505,9 @@ def best_of_n_baseline(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | Non
     ref = _reference(runs)
     if cfg.best_of_n is None or ref is None:
         return None
+    if not getattr(ref.cfg.eval, "rewards", None):
+        print("[compare] best-of-n baseline skipped: it needs a gold scorer (eval.rewards) besides the training reward")
+        return None
     out = Path(cfg.output_dir) / BEST_OF_N_FILE
     ev, bon = ref.cfg.eval, cfg.best_of_n
     key = {"base": cfg.base, "base_fingerprint": _dir_fingerprint(cfg.base), "best_of_n": bon.model_dump(),
@@ -527,10 +530,10 @@ def best_of_n_baseline(cfg: CompareConfig, runs: list[PlannedRun]) -> Path | Non
     rollout = policy.generate([r["prompt"] for r in records], n=n, max_new_tokens=ev.generation.max_new_tokens,
                               temperature=ev.generation.temperature, seed=ref.seed)
     reward = train.score_rollout(rollout, records).total.view(len(records), n).tolist()
-    golds = (gold or train).score_rollout(rollout, records).total.view(len(records), n).tolist()
+    golds = gold.score_rollout(rollout, records).total.view(len(records), n).tolist()
     ns = [2 ** k for k in range(n.bit_length()) if 2 ** k <= n]
     curve = best_of_n_curve(reward, golds, ns)
-    out.write_text(json.dumps({"key": key, "prompts": len(records), "samples": n, "curve": curve}, indent=1))
+    stage_dir.atomic_write(out, json.dumps({"key": key, "prompts": len(records), "samples": n, "curve": curve}, indent=1))
     return out
 
 

@@ -108,11 +108,14 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         raise UserError("config key 'policy' is required (the starting policy, e.g. the SFT stage's directory)")
     if not Path(cfg.policy).exists():
         raise UserError(f"config key 'policy': {cfg.policy} does not exist (train it first)")
-    if not ctx.resume:  # a new or changed loop starts from an empty database and no rounds
-        _clear(ctx.dir, cfg.database is None)
+    if not ctx.resume:  # a new or changed loop starts from no rounds
+        _clear(ctx.dir, cfg)
     loop = _Loop(cfg, ctx)
     store = Store.open(cfg.database_url())
     try:
+        if not ctx.resume and store.current_round() is None and store.round_closed(1):
+            raise UserError(f"the database {cfg.database_url()} holds the rounds of an earlier loop (made with another "
+                            "config); a new loop needs a new database (config key 'database'), or the old config")
         loop.check_budget(store)
         for r in range(1, cfg.rounds + 1):
             loop.round(store, r)
@@ -122,11 +125,13 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-def _clear(out: Path, own_database: bool) -> None:
+def _clear(out: Path, cfg: Config) -> None:
+    """Remove an earlier attempt's rounds, and its database when it is the loop's own with simulated judgments
+    (people's judgments are never deleted: a database with an earlier loop's rounds is refused instead)."""
     for path in out.glob("round-*"):
         shutil.rmtree(path)
     shutil.rmtree(out / "probe", ignore_errors=True)
-    if own_database:
+    if cfg.database is None and cfg.annotators == "simulated":
         for suffix in ("", "-wal", "-shm"):
             (out / (DATABASE + suffix)).unlink(missing_ok=True)
 
@@ -172,21 +177,25 @@ class _Loop:
                                 f"use: at least two pairs × assignment.overlap {per_pair} (one prompt to train on, one "
                                 "to hold out)")
 
-    def _collect(self, store, r: int, out: Path, target: int) -> tuple[dict, Path]:
-        """Judgments of round r's pairs until the database holds `target`; returns (metrics, export dir)."""
+    def _collect(self, store, r: int, out: Path, wanted: int) -> Path:
+        """`wanted` judgments in round r (pairs of the current policy); returns the export of every judgment so
+        far, and sets the collect fingerprint."""
         from rlhf.collect.export import export
         from rlhf.collect.settings import CollectConfig
 
         if self.cfg.annotators == "simulated":
             wiring = {"pairs.policy": self.policy, "pairs.round": r, "database": self.cfg.database_url(),
-                      "simulate.judgments": target}
-            result = self._run("collect", self.cfg.collect, out, wiring, {"policy": self.fingerprint["policy"]})
+                      "simulate.judgments": wanted}
+            result = self._run("collect", self.cfg.collect, out, wiring, {"pairs.policy": self.fingerprint["policy"]})
             store.close_round(r)
-            return result["metrics"], out / "preferences"
+            self.fingerprint["collect"] = result["fingerprint"]
+            return out / "preferences"
+        if store.round_closed(r) and (out / "preferences").is_dir():  # a resumed loop: this round is done
+            self.fingerprint["collect"] = f"{self.fingerprint['policy']}|{store.count_round_judgments(r)}"
+            return out / "preferences"
         collect = load_config(CollectConfig, self.cfg.collect.config, {**self.cfg.collect.overrides,
                                                                        "pairs.policy": self.policy})
         store.open_round(r, self.policy)
-        wanted = self.cfg.judgments_per_round
         deadline = time.monotonic() + 60 * self.cfg.people.wait_minutes
         print(f"[{self.ctx.name}] round {r}: waiting for {wanted} judgments of pairs from {self.policy} (serve "
               f"them with `rlhf collect serve` and pairs.follow_rounds: true on {self.cfg.database_url()})")
@@ -202,36 +211,42 @@ class _Loop:
         export(store, staging, collect.export)
         shutil.rmtree(out / "preferences", ignore_errors=True)
         staging.rename(out / "preferences")
-        return {"collect/judgments": float(have)}, out / "preferences"
+        self.fingerprint["collect"] = f"{self.fingerprint['policy']}|{have}"
+        return out / "preferences"
 
     # -- one round ---------------------------------------------------------------------------------------------
 
     def round(self, store, r: int) -> None:
         cfg, top = self.cfg, self.ctx.dir / f"round-{r}"
         print(f"[{self.ctx.name}] round {r}/{cfg.rounds}: policy {self.policy}")
-        _, exported = self._collect(store, r, top / "collect", target=r * cfg.judgments_per_round)
-        self.fingerprint["collect"] = _fingerprint(top / "collect")
+        exported = self._collect(store, r, top / "collect", cfg.judgments_per_round)
         new, old = _round_pairs(exported, r)
         train, heldout = _split_newest(new, cfg.reward.heldout_fraction, seed=cfg.seed * 1_000 + r)
         stage_dir.atomic_write(top / "train.jsonl", lambda tmp: _write_jsonl(tmp, old + train))
         stage_dir.atomic_write(top / "heldout.jsonl", lambda tmp: _write_jsonl(tmp, heldout))
         stage_dir.atomic_write(top / "fresh.jsonl", lambda tmp: _write_jsonl(tmp, new))
-        row = {"round": r, "policy": self.policy, "judgments": float(store.count_judgments()),
+        row = {"round": r, "policy": self.policy,
+               "judgments": float(sum(store.count_round_judgments(i) for i in range(1, r + 1))),
                "round_pairs": float(len(new))}
         if self.reward_model is not None:  # the last round's reward model on the current policy's samples
             row["rm_fresh_accuracy"] = pairs_accuracy(self.reward_model, top / "fresh.jsonl")
         # the reward model is refreshed for DPO rounds too: its accuracy on fresh samples is the loop's gold-free signal
         wiring = {"model.path": cfg.reward.backbone or cfg.policy, "data.train": str(top / "train.jsonl"),
                   "data.eval": str(top / "heldout.jsonl"), "data.sample": None, "stats.policy": self.policy}
-        inputs = {"collect": self.fingerprint["collect"]}
+        inputs = {"data.train": self.fingerprint["collect"], "data.eval": self.fingerprint["collect"],
+                  "stats.policy": self.fingerprint["policy"]}
         if cfg.reward.warm_start and self.reward_model is not None:
             wiring["model.warm_start"] = self.reward_model
-            inputs["warm_start"] = self.fingerprint["reward"]
+            inputs["model.warm_start"] = self.fingerprint["reward"]
         rm = self._run("reward", cfg.reward, top / "reward", wiring, inputs)
         self.reward_model, self.fingerprint["reward"] = str(top / "reward"), rm["fingerprint"]
         row["rm_heldout_accuracy"] = rm["metrics"].get("eval/accuracy", float("nan"))
-        rl = self._run(cfg.rl.kind, cfg.rl, top / "rl", self._rl_wiring(top), {
-            "policy": self.fingerprint["policy"], "reward": self.fingerprint["reward"]})
+        wiring = self._rl_wiring(top)
+        inputs = {key: self.fingerprint["reward"] for key in wiring if key.startswith(("rewards.", "critic."))}
+        inputs["model.path"] = self.fingerprint["policy"]
+        if "data.train" in wiring:
+            inputs["data.train"] = self.fingerprint["collect"]
+        rl = self._run(cfg.rl.kind, cfg.rl, top / "rl", wiring, inputs)
         self.policy, self.fingerprint["policy"] = str(top / "rl"), rl["fingerprint"]
         for key in ("eval/gold_score", "eval/rm_score", "train/reward"):
             if key in rl["metrics"]:
@@ -247,9 +262,13 @@ class _Loop:
     def _rl_wiring(self, top: Path) -> dict:
         cfg = self.cfg
         wiring = {"model.path": self.policy, "model.ref_path": cfg.policy, "train.max_steps": cfg.rl.steps_per_round}
+        rl_cfg = load_config(_rl_config(cfg.rl.kind), cfg.rl.config, cfg.rl.overrides)
+        if rl_cfg.model.lora is not None:
+            raise UserError("loop rl stage: model.lora is not supported in a loop (a LoRA reference is the adapter's "
+                            "own base, so the KL would be to the last round's policy, not the starting one)")
         if cfg.rl.kind == "dpo":
             return {**wiring, "data.train": str(top / "fresh.jsonl")}
-        rewards = load_config(_rl_config(cfg.rl.kind), cfg.rl.config, cfg.rl.overrides).rewards
+        rewards = rl_cfg.rewards
         learned = [i for i, c in enumerate(rewards) if c.model is not None]
         if not learned:
             raise UserError(f"loop rl stage: its rewards have no `model` component for the refreshed reward model "
@@ -267,8 +286,7 @@ class _Loop:
         cfg = self.cfg
         if cfg.probe_judgments:
             probe = self.ctx.dir / "probe"
-            _, exported = self._collect(store, cfg.rounds + 1, probe / "collect",
-                                        target=cfg.rounds * cfg.judgments_per_round + cfg.probe_judgments)
+            exported = self._collect(store, cfg.rounds + 1, probe / "collect", cfg.probe_judgments)
             new, _ = _round_pairs(exported, cfg.rounds + 1)
             stage_dir.atomic_write(probe / "pairs.jsonl", lambda tmp: _write_jsonl(tmp, new))
             self.rows[-1]["final_rm_policy_accuracy"] = pairs_accuracy(self.reward_model, probe / "pairs.jsonl")
@@ -301,10 +319,6 @@ def _gold_history(rl_dir: Path) -> list[tuple[int, float, float | None]]:
         if "eval/gold_score" in row:
             by_step[int(row["step"])] = (float(row["eval/gold_score"]), kl)
     return [(step, gold, at) for step, (gold, at) in sorted(by_step.items())]
-
-
-def _fingerprint(directory: Path) -> str:
-    return (stage_dir.read_manifest(directory) or {}).get("fingerprint", "missing")
 
 
 def _round_pairs(exported: Path, r: int) -> tuple[list[dict], list[dict]]:

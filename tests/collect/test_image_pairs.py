@@ -82,6 +82,7 @@ def test_schema_2_database_gains_the_images_column(tmp_path):
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE pairs DROP COLUMN images")
         conn.exec_driver_sql("ALTER TABLE pairs DROP COLUMN round")
+        conn.exec_driver_sql("ALTER TABLE judgments DROP COLUMN round")
         conn.exec_driver_sql("DROP TABLE rounds")
         conn.execute(schema_info.update().where(schema_info.c.key == "schema_version").values(value="2"))
     engine.dispose()

@@ -83,7 +83,7 @@ def test_rounds_collect_on_the_current_policy_and_refresh_the_reward_model(finis
     store = Store.open(f"sqlite:///{out / 'collect.db'}")
     try:
         judged = store.judgment_rows()
-        assert len(judged) == 24
+        assert len(judged) == 24 and [store.count_round_judgments(r) for r in (1, 2)] == [12, 12]
         # each round's pairs were sampled from the policy of that round, and every round is closed now
         sources = {(row["round"], row["source_a"]) for row in judged if row["gold_label"] is None}
         assert sources == {(1, str(policy_dir)), (2, str(out / "round-1" / "rl"))}
