@@ -258,7 +258,8 @@ class RewardModel(nn.Module):
 
     def warm_start(self, path: str) -> None:
         """Start from a trained reward model's weights (trunk and score head): the round-to-round refresh of
-        `rlhf loop`. Its architecture must be this model's; the auxiliary LM head stays the backbone's."""
+        `rlhf loop`. Its architecture must be this model's. An untied auxiliary LM head stays the backbone's; one
+        tied to the input embeddings (the demo models) follows the warm-started embeddings."""
         if self._peft is not None:
             raise UserError("config key 'model.warm_start' does not combine with model.lora (a LoRA reward model is "
                             "saved merged); warm-start a full reward model, or train the LoRA one fresh")

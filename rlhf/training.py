@@ -361,18 +361,18 @@ def end_of_step(ctx, accelerator, train, done: int, counters: dict, timer: StepT
 
 class EarlyStop:
     """`rl.early_stop`: follows a step metric smoothed by an EMA, writes the policy's weights whenever the smoothed
-    value is the best so far (`<stage>/best/`, so a resumed stage still has them), says when `patience` steps went
-    by without a better one, and puts the best weights back before the final evaluation and save. Its state travels
-    in the checkpoints."""
+    value is the best so far (`<stage>/best/step-<n>.pt`, so a resumed stage still has them), says when `patience`
+    steps went by without a better one, and puts the best weights back before the final evaluation and save. Its
+    state travels in the checkpoints. PPO restores the policy; its critic stays the last step's."""
 
-    FILE = "best/weights.pt"
+    DIR = "best"
 
     def __init__(self, settings, directory: Path, accelerator, state: dict | None = None):
         if accelerator.num_processes > 1:
             raise UserError("rl.early_stop runs in one process (its best weights are one file); launch without "
                             "accelerate, or drop rl.early_stop")
         self.settings = settings
-        self.path = Path(directory) / self.FILE
+        self.dir = Path(directory) / self.DIR
         state = state or {}
         self.smoothed: float | None = state.get("smoothed")
         self.best: float | None = state.get("best")
@@ -399,20 +399,31 @@ class EarlyStop:
         sign = 1.0 if s.mode == "max" else -1.0
         if self.best is None or sign * (self.smoothed - self.best) > s.min_delta:
             self.best, self.best_step, self.waited = self.smoothed, step, 0
-            self.path.parent.mkdir(exist_ok=True)
-            atomic_write(self.path, lambda tmp: torch.save(model.state_dict(), tmp))
+            # one file per best step: a resumed stage whose checkpoint names an older best step still finds it
+            self.dir.mkdir(exist_ok=True)
+            atomic_write(self._file(step), lambda tmp: torch.save(model.state_dict(), tmp))
             return False
         self.waited += 1
         return self.waited >= s.patience
 
+    def _file(self, step: int) -> Path:
+        return self.dir / f"step-{step}.pt"
+
     def restore(self, model) -> dict[str, float]:
-        """Load the best step's weights into `model`; returns the early_stop/* metrics."""
-        if self.path.is_file():
-            model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        """Load the best step's weights into `model`; returns the early_stop/* metrics. (`remove` the files once
+        the stage has saved its model.)"""
+        if self.best is not None:
+            if not self._file(self.best_step).is_file():
+                raise UserError(f"rl.early_stop: the weights of the best step {self.best_step} are missing from "
+                                f"{self.dir}; rerun with --overwrite to train the stage again")
+            model.load_state_dict(torch.load(self._file(self.best_step), map_location="cpu", weights_only=True))
         out = {"early_stop/best_step": float(self.best_step), "early_stop/best_value": float(self.best or 0.0)}
         if self.stopped_at is not None:
             out["early_stop/stopped_at"] = float(self.stopped_at)
         return out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def early_stopped(ctx, stopper: EarlyStop, step: int) -> int:

@@ -254,7 +254,11 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     # 7. final evaluation and the policy in Hugging Face format (the best step's under rl.early_stop) ---------------
     if stopper is not None:
         metrics.update(stopper.restore(policy.unwrapped(accelerator).model))
-    return final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, last_step, merged=cfg.save_merged)
+    metrics = final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, last_step,
+                                  merged=cfg.save_merged)
+    if stopper is not None:
+        stopper.remove()
+    return metrics
 
 
 def _start_worker(cfg: Config, accelerator, policy, records, start: int):

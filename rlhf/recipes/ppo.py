@@ -298,6 +298,8 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
         metrics.update(stopper.restore(policy.unwrapped(accelerator).model))
     metrics = final_eval_and_save(ctx, accelerator, policy, metrics, evaluate, counters, timer, last_step,
                                   merged=cfg.save_merged)
+    if stopper is not None:
+        stopper.remove()
     bare_critic = critic.bare(accelerator)  # every process: FSDP gathers the shards
     if accelerator.is_main_process:  # whole files or none: a kill mid-save leaves no half critic in the result
         write_into(ctx.dir, lambda staging: critic.save(staging, bare_critic))

@@ -29,6 +29,7 @@ def test_a_stalled_signal_stops_the_stage_with_the_best_steps_policy(tmp_path, p
     one, one_out = run("one", **{"train.max_steps": 1})
     got, want = load_file(out / "model.safetensors"), load_file(one_out / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # step 1's weights
+    assert not (out / "best").exists()  # the best-step files go once the model is saved
 
 
 def test_an_unknown_signal_names_the_nearest_metric(tmp_path, policy_dir, prompts_file):  # noqa: F811
