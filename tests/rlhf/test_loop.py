@@ -128,6 +128,14 @@ def test_a_closed_round_refuses_judgments_and_stops_serving_its_pairs(tmp_path):
         assert store.get_pair(assigner.next_for(who.id).pair_id)["source_a"] == "policy-2"
         with pytest.raises(UserError, match="closed round is never reopened"):
             store.open_round(1, "policy-1")
+        # a judgment belongs to the round it was made in
+        second = assigner.next_for(who.id)
+        store.record_judgment(who.id, second.id, "left", None, "", "v1", overlap=1, lease_seconds=60)
+        assert (store.count_round_judgments(1), store.count_round_judgments(2)) == (0, 1)
+        # a fresh attempt at round 2 removes its pairs, judgments and the round itself; round 1 stays
+        assert store.drop_rounds_from(2) == 1
+        assert store.current_round() is None and store.round_closed(1) and store.count_judgments() == 0
+        assert {p["round"] for p in map(store.get_pair, (1, 2))} == {1}
     finally:
         store.close()
 
