@@ -349,7 +349,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def pairs_accuracy(reward_model: str, pairs_file: Path) -> float:
-    """A reward model's accuracy (r_chosen > r_rejected, ties left out) on a preference file."""
+    """A reward model's accuracy (r_chosen > r_rejected, ties left out) on a preference file; of an ensemble, its
+    first member's."""
     from reward_models.data import load_preferences
     from reward_models.evaluation import evaluate_pairs
     from reward_models.model import RewardModel
