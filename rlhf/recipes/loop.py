@@ -7,6 +7,7 @@ Layout of the stage directory:
     round-<r>/collect/      the collect stage of round r (pairs sampled from the current policy, its export)
     round-<r>/train.jsonl   all rounds' pairs except the held-out prompts of round r
     round-<r>/heldout.jsonl the held-out prompts' pairs of round r: the refreshed reward model's eval set
+    round-<r>/fresh.jsonl   every pair of round r: what the last round's reward model is scored on
     round-<r>/reward/       the refreshed reward model (a Hugging Face sequence classifier)
     round-<r>/rl/           the policy after round r
     probe/                  with `probe_judgments`: judgments of the final policy's samples, used for no training
