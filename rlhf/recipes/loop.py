@@ -165,10 +165,19 @@ class _Loop:
         name = f"{self.ctx.name}/{out.relative_to(self.ctx.dir)}"
         return run_stage(kind, sub, name=name, input_fingerprints=inputs, rerun=True, debug=self.ctx.debug)
 
+    def rl_config(self):
+        """The RL part's config as its recipe reads it (before the loop's wiring); a LoRA policy is refused."""
+        rl_cfg = load_config(_rl_config(self.cfg.rl.kind), self.cfg.rl.config, self.cfg.rl.overrides)
+        if rl_cfg.model.lora is not None:
+            raise UserError("loop rl stage: model.lora is not supported in a loop (a LoRA reference is the adapter's "
+                            "own base, so the KL would be to the last round's policy, not the starting one)")
+        return rl_cfg
+
     def check_budget(self, store) -> None:
         """Refuse settings that cannot make a round before anything runs."""
         from rlhf.collect.settings import CollectConfig
 
+        self.rl_config()
         if self.cfg.annotators == "simulated":
             collect = load_config(CollectConfig, self.cfg.collect.config, {**self.cfg.collect.overrides,
                                                                            "pairs.policy": self.cfg.policy})
@@ -263,10 +272,7 @@ class _Loop:
     def _rl_wiring(self, top: Path) -> dict:
         cfg = self.cfg
         wiring = {"model.path": self.policy, "model.ref_path": cfg.policy, "train.max_steps": cfg.rl.steps_per_round}
-        rl_cfg = load_config(_rl_config(cfg.rl.kind), cfg.rl.config, cfg.rl.overrides)
-        if rl_cfg.model.lora is not None:
-            raise UserError("loop rl stage: model.lora is not supported in a loop (a LoRA reference is the adapter's "
-                            "own base, so the KL would be to the last round's policy, not the starting one)")
+        rl_cfg = self.rl_config()
         if cfg.rl.kind == "dpo":
             return {**wiring, "data.train": str(top / "fresh.jsonl")}
         rewards = rl_cfg.rewards

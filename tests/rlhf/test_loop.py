@@ -245,3 +245,23 @@ def test_people_judge_through_a_server_that_follows_the_rounds(tmp_path, policy_
     assert sources == {(1, str(policy_dir)), (2, str(out / "round-1" / "rl"))}
     assert store.current_round() is None and "eval/gold_score" in result["metrics"]
     store.close()
+
+
+def test_iterative_dpo_rounds_train_on_each_rounds_new_pairs(tmp_path, policy_dir):
+    data = loop_config(policy_dir, tmp_path / "dpo")
+    data["rl"] = {"kind": "dpo", "config": "configs/dpo/demo.yaml", "steps_per_round": 2, "overrides": {
+        "model.lora": None, "train.batch_size": 4, "train.save_every": 1, "data.eval_fraction": 0.25,
+        "eval.gold_limit": 4, "eval.generation.max_new_tokens": 8, "eval.pairs_limit": 8}}
+    result = run_stage("loop", load_config(loop.Config, write_config(tmp_path, data)))
+    out = tmp_path / "dpo"
+    rl_cfg = yaml.safe_load((out / "round-2" / "rl" / "config.yaml").read_text())
+    assert rl_cfg["data"]["train"] == str(out / "round-2" / "fresh.jsonl")
+    assert rl_cfg["model"]["path"] == str(out / "round-1" / "rl") and rl_cfg["model"]["ref_path"] == str(policy_dir)
+    assert "eval/gold_score" in result["metrics"] and (out / "round-2" / "reward" / "config.json").is_file()
+
+
+def test_a_lora_policy_is_refused_in_a_loop(tmp_path, policy_dir):
+    data = loop_config(policy_dir, tmp_path / "lora")
+    data["rl"]["overrides"]["model.lora"] = {"r": 4, "alpha": 8}
+    with pytest.raises(UserError, match="model.lora is not supported in a loop"):
+        run_stage("loop", load_config(loop.Config, write_config(tmp_path, data)))
