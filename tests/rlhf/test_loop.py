@@ -144,21 +144,21 @@ def test_bad_round_settings_exit_with_one_line(tmp_path, policy_dir):
     small = loop_config(policy_dir, tmp_path / "small", judgments_per_round=1)
     with pytest.raises(UserError, match="judgments_per_round 1 is smaller than one round can use"):
         run_stage("loop", load_config(loop.Config, write_config(tmp_path, small)))
-    encoder = loop_config(policy_dir, tmp_path / "enc")
+
+
+def test_a_reward_model_is_not_warm_started_across_architectures(tmp_path, policy_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+
     from reward_models.model import RewardModel
 
-    with pytest.raises(UserError, match="another architecture"):
-        rm = RewardModel.from_backbone(str(policy_dir), max_length=32)
-        encoder_rm = tmp_path / "encoder-rm"
-        from transformers import BertConfig, BertForSequenceClassification
-
-        bert = BertForSequenceClassification(BertConfig(vocab_size=rm.tokenizer.vocab_size + 8, hidden_size=32,
-                                                        num_hidden_layers=1, num_attention_heads=2,
-                                                        intermediate_size=64, num_labels=1))
-        bert.save_pretrained(encoder_rm)
-        rm.tokenizer.save_pretrained(encoder_rm)
+    rm = RewardModel.from_backbone(str(policy_dir), max_length=32)
+    encoder_rm = tmp_path / "encoder-rm"
+    BertForSequenceClassification(BertConfig(vocab_size=rm.tokenizer.vocab_size + 8, hidden_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                             num_labels=1)).save_pretrained(encoder_rm)
+    rm.tokenizer.save_pretrained(encoder_rm)
+    with pytest.raises(UserError, match="another architecture than model.path"):
         rm.warm_start(str(encoder_rm))
-    assert encoder  # the config itself is fine
 
 
 def test_a_killed_loop_resumes_to_the_uninterrupted_numbers(tmp_path, finished_loop, policy_dir):
