@@ -114,7 +114,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
     loop = _Loop(cfg, ctx)
     store = Store.open(cfg.database_url())
     try:
-        if not ctx.resume and store.current_round() is None and store.round_closed(1):
+        if not ctx.resume and (store.current_round() is not None or store.round_closed(1)):
             raise UserError(f"the database {cfg.database_url()} holds the rounds of an earlier loop (made with another "
                             "config); a new loop needs a new database (config key 'database'), or the old config")
         loop.check_budget(store)
