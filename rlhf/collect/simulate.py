@@ -5,9 +5,8 @@ Each simulated annotator is a thread with its own token and HTTP client. They ju
 pair the same whichever side each response is on (the noise is a function of the annotator's index and the pair),
 so with one simulated annotator a collection resumed after a kill makes the judgments an uninterrupted one makes
 (with several, which of them judges which pair depends on timing); the position bias the admin page measures for
-them is zero up to noise. An image prompt is
-told apart by its image: the simulator downloads it from the page's image route, as a person sees it, and finds the
-record whose image file has those bytes.
+them is zero up to noise. An image prompt is told apart by its image: the simulator downloads it from the page's
+image route, as a person sees it, and finds the record whose image file has those bytes.
 """
 
 from __future__ import annotations
