@@ -167,21 +167,26 @@ class _Loop:
 
     def rl_config(self):
         """The RL part's config as its recipe reads it (before the loop's wiring); a LoRA policy is refused."""
-        rl_cfg = load_config(_rl_config(self.cfg.rl.kind), self.cfg.rl.config, self.cfg.rl.overrides)
+        from rlhf.pipeline import recipe
+
+        rl_cfg = load_config(recipe(self.cfg.rl.kind).Config, self.cfg.rl.config, self.cfg.rl.overrides)
         if rl_cfg.model.lora is not None:
             raise UserError("loop rl stage: model.lora is not supported in a loop (a LoRA reference is the adapter's "
                             "own base, so the KL would be to the last round's policy, not the starting one)")
         return rl_cfg
 
-    def check_budget(self, store) -> None:
-        """Refuse settings that cannot make a round before anything runs."""
+    def collect_config(self):
+        """The collect part's config as the collection app reads it (sampling the current policy)."""
         from rlhf.collect.settings import CollectConfig
 
+        return load_config(CollectConfig, self.cfg.collect.config,
+                           {**self.cfg.collect.overrides, "pairs.policy": self.policy})
+
+    def check_budget(self, store) -> None:
+        """Refuse settings that cannot make a round before anything runs."""
         self.rl_config()
         if self.cfg.annotators == "simulated":
-            collect = load_config(CollectConfig, self.cfg.collect.config, {**self.cfg.collect.overrides,
-                                                                           "pairs.policy": self.cfg.policy})
-            per_pair = collect.assignment.overlap
+            per_pair = self.collect_config().assignment.overlap
             if self.cfg.judgments_per_round < 2 * per_pair:
                 raise UserError(f"judgments_per_round {self.cfg.judgments_per_round} is smaller than one round can "
                                 f"use: at least two pairs × assignment.overlap {per_pair} (one prompt to train on, one "
@@ -191,7 +196,6 @@ class _Loop:
         """`wanted` judgments in round r (pairs of the current policy); returns the export of every judgment so
         far, and sets the collect fingerprint."""
         from rlhf.collect.export import export
-        from rlhf.collect.settings import CollectConfig
 
         if self.cfg.annotators == "simulated":
             wiring = {"pairs.policy": self.policy, "pairs.round": r, "database": self.cfg.database_url(),
@@ -203,8 +207,7 @@ class _Loop:
         if store.round_closed(r) and (out / "preferences").is_dir():  # a resumed loop: this round is done
             self.fingerprint["collect"] = f"{self.fingerprint['policy']}|{store.count_round_judgments(r)}"
             return out / "preferences"
-        collect = load_config(CollectConfig, self.cfg.collect.config, {**self.cfg.collect.overrides,
-                                                                       "pairs.policy": self.policy})
+        collect = self.collect_config()
         store.open_round(r, self.policy)
         deadline = time.monotonic() + 60 * self.cfg.people.wait_minutes
         print(f"[{self.ctx.name}] round {r}: waiting for {wanted} judgments of pairs from {self.policy} (serve "
@@ -232,9 +235,9 @@ class _Loop:
         exported = self._collect(store, r, top / "collect", cfg.judgments_per_round)
         new, old = _round_pairs(exported, r)
         train, heldout = _split_newest(new, cfg.reward.heldout_fraction, seed=cfg.seed * 1_000 + r)
-        stage_dir.atomic_write(top / "train.jsonl", lambda tmp: _write_jsonl(tmp, old + train))
-        stage_dir.atomic_write(top / "heldout.jsonl", lambda tmp: _write_jsonl(tmp, heldout))
-        stage_dir.atomic_write(top / "fresh.jsonl", lambda tmp: _write_jsonl(tmp, new))
+        _save_rows(top / "train.jsonl", old + train)
+        _save_rows(top / "heldout.jsonl", heldout)
+        _save_rows(top / "fresh.jsonl", new)
         row = {"round": r, "policy": self.policy,
                "judgments": float(sum(store.count_round_judgments(i) for i in range(1, r + 1))),
                "round_pairs": float(len(new))}
@@ -295,7 +298,7 @@ class _Loop:
             probe = self.ctx.dir / "probe"
             exported = self._collect(store, cfg.rounds + 1, probe / "collect", cfg.probe_judgments)
             new, _ = _round_pairs(exported, cfg.rounds + 1)
-            stage_dir.atomic_write(probe / "pairs.jsonl", lambda tmp: _write_jsonl(tmp, new))
+            _save_rows(probe / "pairs.jsonl", new)
             self.rows[-1]["final_rm_policy_accuracy"] = pairs_accuracy(self.reward_model, probe / "pairs.jsonl")
         stage_dir.atomic_write(self.ctx.dir / "rounds.json", lambda tmp: tmp.write_text(json.dumps(self.rows, indent=2)))
         PolicyModel.from_pretrained(self.policy).save(self.ctx.dir)
@@ -307,12 +310,6 @@ class _Loop:
             metrics.update({"eval/gold_score": curve[-1][1], "loop/peak_gold_score": peak,
                             "loop/peak_rl_step": float(step)})
         return metrics
-
-
-def _rl_config(kind: str):
-    from rlhf.pipeline import recipe
-
-    return recipe(kind).Config
 
 
 def _gold_history(rl_dir: Path) -> list[tuple[int, float, float | None]]:
@@ -351,8 +348,11 @@ def _split_newest(rows: list[dict], fraction: float, seed: int) -> tuple[list[di
     return train, [row for row in rows if json.dumps(row["prompt"], sort_keys=True) in held]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+def _save_rows(path: Path, rows: list[dict]) -> None:
+    """Preference rows as JSONL, written whole or not at all."""
+    from reward_models.pairs import write_jsonl
+
+    stage_dir.atomic_write(path, lambda tmp: write_jsonl(rows, tmp))
 
 
 def pairs_accuracy(reward_model: str, pairs_file: Path) -> float:
