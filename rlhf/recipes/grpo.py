@@ -242,7 +242,7 @@ def run(cfg: Config, ctx: StageContext) -> dict[str, float]:
                 step_metrics["train/reward_with_kl"] = float((exp.scores - beta * row_kl).mean())
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0 and accelerator.is_main_process:
                 log_samples(ctx.tracker, exp, step + 1)
-            stop = stopper is not None and stopper.update(step_metrics, step + 1, policy.unwrapped(accelerator).model)
+            stop = stopper is not None and stopper.update(step_metrics, step + 1, bare.model)
             end_of_step(ctx, accelerator, cfg.train, step + 1, counters, timer, tokens=tokens, metrics=step_metrics,
                         evaluate=evaluate, state={"kl": kl_ctl.state_dict(),
                                                   **({"early_stop": stopper.state_dict()} if stopper else {})})
